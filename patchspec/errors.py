@@ -1,0 +1,36 @@
+"""The exceptions patchspec raises, all rooted in :class:`PatchSpecError`.
+
+Messages say what was wrong, what was given and what is valid, e.g.
+``axis 'heads' is not a dim of activation 'z' (batch, pos, head, d_head); did you mean 'head'?``
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PatchSpecError(ValueError):
+    """Base class of every error patchspec raises on bad input."""
+
+
+class SpecError(PatchSpecError):
+    """A spec is malformed: unknown activation, axis, restriction or rule output."""
+
+
+class InputError(PatchSpecError):
+    """Prompts, tokens, caches or the model are unusable for the requested sweep."""
+
+
+class HookError(PatchSpecError):
+    """A hook point is missing, gated behind a flag, or did not fire."""
+
+
+class MetricError(PatchSpecError):
+    """A metric returned the wrong shape or a non-finite value."""
+
+
+def did_you_mean(bad: str, valid: Iterable[str]) -> str:
+    """Return ``"; did you mean 'x'?"`` for the closest valid name, or ``""``."""
+    close = difflib.get_close_matches(bad, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
