@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from patchspec.errors import HookError
 from patchspec.layouts import layout
-from patchspec.plan import Cell, Plan, Region, Sizes
+from patchspec.plan import Cell, PerExample, Plan, Region, Sizes
 from patchspec.runs import Runs
 
 log = logging.getLogger(__name__)
@@ -45,17 +45,27 @@ class Engine(Protocol):
 
 
 def region_mask(region: Region, sizes: Sizes, device: torch.device) -> torch.Tensor:
-    """Boolean mask of ``region`` over its activation, with a broadcastable batch dim of 1."""
+    """Boolean mask of ``region`` over its activation.
+
+    The batch dim has size 1 (broadcast over prompts) unless some dim is selected per prompt
+    (:class:`~patchspec.plan.PerExample`), in which case it has ``sizes.batch`` entries.
+    """
     dims = layout(region.activation).dims
     shape = [1] + [sizes.size(d) for d in dims[1:]]
     mask = torch.ones(shape, dtype=torch.bool, device=device)
-    for axis, (dim, selection) in enumerate(region.index, start=1):
+    for axis, (_dim, selection) in enumerate(region.index, start=1):
         if selection is None:
             continue
-        keep = torch.zeros(shape[axis], dtype=torch.bool, device=device)
-        keep[list(selection)] = True
         view = [1] * len(shape)
         view[axis] = shape[axis]
+        if isinstance(selection, PerExample):
+            keep = torch.zeros(sizes.batch, shape[axis], dtype=torch.bool, device=device)
+            for b, indices in enumerate(selection.values):
+                keep[b, list(indices)] = True
+            view[0] = sizes.batch
+        else:
+            keep = torch.zeros(shape[axis], dtype=torch.bool, device=device)
+            keep[list(selection)] = True
         mask = mask & keep.view(view)
     return mask
 

@@ -19,8 +19,20 @@ from patchspec.layouts import DIM_SIZES, layout
 from patchspec.sources import Receiver, Source
 from patchspec.spec import AnySpec, JointSpec, PatchSpec, Slice
 
-#: One dim's selection inside a region: ``None`` (all) or a tuple of indices.
-DimIndex: TypeAlias = tuple[int, ...] | None
+
+
+@attrs.frozen
+class PerExample:
+    """A dim's selection that differs by prompt: ``values[b]`` are the indices for prompt ``b``.
+
+    Used for named positions (``"S2"``, ``"END"``) that sit at different token indices.
+    """
+
+    values: tuple[tuple[int, ...], ...]
+
+
+#: One dim's selection inside a region: ``None`` (all), a tuple of indices, or one per prompt.
+DimIndex: TypeAlias = tuple[int, ...] | PerExample | None
 
 
 @attrs.frozen
