@@ -93,6 +93,7 @@ LAYOUTS: Mapping[str, Layout] = {
         Layout("k", _KV_VECTOR, "attention keys"),
         Layout("v", _KV_VECTOR, "attention values"),
         Layout("z", _HEAD_VECTOR, "attention head outputs before W_O (head outputs)"),
+        Layout("result", ("batch", "pos", "head", "d_model"), "each head's output after W_O (gated: model.set_use_attn_result(True))"),
         Layout("pattern", _ATTN, "attention pattern (softmaxed)"),
         Layout("attn_scores", _ATTN, "attention scores (pre-softmax)"),
         Layout("pre", _MLP, "MLP pre-activations"),

@@ -138,6 +138,8 @@ class PatchSpec:
             if self.rule is not None and axis in restricted and _explicit(restricted[axis]):
                 continue
             hint = did_you_mean(axis, lay.patch_dims)
+            if axis == "head" and "kv_head" in lay.dims:
+                hint = "; keys and values have one head per key/value group: did you mean 'kv_head'?"
             extra = (
                 ""
                 if self.rule is None
