@@ -2,8 +2,30 @@
 
 The *reference* executor runs one full forward pass per cell through the model's own
 ``run_with_hooks``. It is deliberately plain: it exists to prove faster executors exact.
-Executors are registered by name in :data:`ENGINES`; every public entry point takes
-``engine=`` to pick one.
+The *batched* executor (:mod:`patchspec.batched`, the default) folds many cells into one
+forward pass and starts it at the patched layer. Executors are registered by name in
+:data:`ENGINES`; every public entry point takes ``engine=`` to pick one.
+
+The contract between an engine and the metric
+---------------------------------------------
+An engine receives ``evaluate``, a callable ``evaluate(logits, cell) -> value`` taking one
+cell's **full** logits ``[batch, pos, vocab]`` (any plain callable works with every engine).
+It may also carry two optional attributes, read with :func:`logit_positions` and
+:func:`evaluate_cells`:
+
+* ``many(logits, cells, positions)``: evaluates a whole block at once. ``logits`` is
+  ``[len(cells) * batch, pos, vocab]``, one copy of the batch per cell in ``cells`` order;
+  ``positions`` is ``None`` (full logits) or the positions the ``pos`` dim holds. It returns
+  the stacked values ``[len(cells), ...]``.
+* ``positions``: the token positions the metric reads (ints, negative ones counting from the
+  end), or ``None`` for all. When it is set on a callable that has ``many``, an engine may
+  compute the final norm and the unembedding only at those positions and pass ``many``
+  logits whose ``pos`` dim holds exactly ``logit_positions(evaluate, seq)`` (sorted,
+  non-negative), in that order, with ``positions`` set to that tuple.
+
+``evaluate(logits, cell)`` itself always gets full logits (the reference executor calls only
+that); an evaluate callable without ``many`` gets one cell's slice of the block at a time.
+:class:`patchspec.metrics.Evaluator` implements all of it.
 """
 
 from __future__ import annotations
@@ -13,10 +35,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+from jaxtyping import Bool, Float
 from tqdm.auto import tqdm
 
 from patchspec.errors import HookError
-from patchspec.layouts import layout
+from patchspec.layouts import Writer, layout
 from patchspec.plan import Cell, PerExample, Plan, Region, Sizes
 from patchspec.runs import Runs
 
@@ -40,34 +63,80 @@ class Engine(Protocol):
     """An executor: the metric values of every cell of ``plan``, stacked on a leading dim."""
 
     def __call__(
-        self, model: Any, plan: Plan, runs: Runs, evaluate: Evaluate, *, progress: bool, **options: Any
+        self,
+        model: Any,
+        plan: Plan,
+        runs: Runs,
+        evaluate: Evaluate,
+        *,
+        progress: bool,
+        **options: Any,
     ) -> torch.Tensor: ...
 
 
-def region_mask(region: Region, sizes: Sizes, device: torch.device) -> torch.Tensor:
+def region_masks(
+    regions: Sequence[Region | None], sizes: Sizes, device: torch.device | str
+) -> Bool[torch.Tensor, "cell batch *dims"]:
+    """Boolean masks of several regions of one activation, stacked on a leading cell dim.
+
+    Entry ``k`` is the mask of ``regions[k]`` (all False where it is ``None``). The batch dim
+    has size 1 (broadcast over prompts) unless some region selects a dim per prompt
+    (:class:`~patchspec.plan.PerExample`), and so does every other dim that no region
+    restricts: the masks broadcast against the activation, they are not expanded to it.
+
+    Example:
+        >>> masks = region_masks([region_a, region_b], sizes, "cpu")  # doctest: +SKIP
+        >>> torch.where(masks, clean.unsqueeze(0), act.unsqueeze(0))  # doctest: +SKIP
+    """
+    activation = next((r.activation for r in regions if r is not None), None)
+    n = len(regions)
+    if activation is None:
+        return torch.zeros((n, 1), dtype=torch.bool, device=device)
+    dims = layout(activation).dims[1:]
+    present = [(k, r) for k, r in enumerate(regions) if r is not None]
+    rows = 1
+    for _k, region in present:
+        if any(isinstance(selection, PerExample) for _dim, selection in region.index):
+            rows = sizes.batch
+    mask = torch.ones((n, rows) + (1,) * len(dims), dtype=torch.bool)
+    mask[[k for k, r in enumerate(regions) if r is None]] = False
+    for axis, dim in enumerate(dims):
+        selections = [(k, region.index[axis][1]) for k, region in present]
+        if all(selection is None for _k, selection in selections):
+            continue
+        size = sizes.size(dim)
+        keep = torch.zeros((n, rows, size), dtype=torch.bool)
+        cells: list[int] = []
+        prompts: list[int] = []
+        indices: list[int] = []
+        for k, selection in selections:
+            if selection is None:
+                keep[k] = True
+            elif isinstance(selection, PerExample):
+                for b, values in enumerate(selection.values):
+                    cells += [k] * len(values)
+                    prompts += [b] * len(values)
+                    indices += values
+            else:
+                for b in range(rows):
+                    cells += [k] * len(selection)
+                    prompts += [b] * len(selection)
+                    indices += selection
+        keep[cells, prompts, indices] = True
+        view = [n, rows] + [1] * len(dims)
+        view[axis + 2] = size
+        mask = mask & keep.view(view)
+    return mask.to(device)
+
+
+def region_mask(region: Region, sizes: Sizes, device: torch.device | str) -> torch.Tensor:
     """Boolean mask of ``region`` over its activation.
 
     The batch dim has size 1 (broadcast over prompts) unless some dim is selected per prompt
     (:class:`~patchspec.plan.PerExample`), in which case it has ``sizes.batch`` entries.
     """
-    dims = layout(region.activation).dims
-    shape = [1] + [sizes.size(d) for d in dims[1:]]
-    mask = torch.ones(shape, dtype=torch.bool, device=device)
-    for axis, (_dim, selection) in enumerate(region.index, start=1):
-        if selection is None:
-            continue
-        view = [1] * len(shape)
-        view[axis] = shape[axis]
-        if isinstance(selection, PerExample):
-            keep = torch.zeros(sizes.batch, shape[axis], dtype=torch.bool, device=device)
-            for b, indices in enumerate(selection.values):
-                keep[b, list(indices)] = True
-            view[0] = sizes.batch
-        else:
-            keep = torch.zeros(shape[axis], dtype=torch.bool, device=device)
-            keep[list(selection)] = True
-        mask = mask & keep.view(view)
-    return mask
+    mask = region_masks([region], sizes, device)[0]
+    return mask.expand(mask.shape[0], *sizes.shape(region.activation)[1:])
 
 
 def check_hooks(model: Any, plan: Plan) -> None:
@@ -141,6 +210,52 @@ class FireCounter:
                 )
 
 
+def write_hooks(
+    hook_name: str,
+    writer: Writer,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    copies: int = 1,
+) -> list[Hook]:
+    """Forward hooks that write ``values`` into the activation at ``hook_name`` where ``mask``.
+
+    The activation holds ``copies`` copies of the batch stacked on its first dim
+    (``[copies * batch, ...]``, copy-major); it is viewed as ``[copies, batch, ...]``, against
+    which ``mask`` (``[copies, 1 | batch, ...]``) and ``values`` (``[batch, ...]`` or
+    ``[copies, batch, ...]``) broadcast. A ``resid_mid`` writer reads ``resid_pre`` and rewrites
+    ``attn_out`` of the same block so that the residual stream itself takes the values.
+    """
+    cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def target(act: torch.Tensor) -> torch.Tensor:
+        if act.dtype not in cast:
+            cast[act.dtype] = values.to(act.dtype)
+        return cast[act.dtype]
+
+    def write(act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, new, act.unflatten(0, (copies, -1))).flatten(0, 1)
+
+    if writer == "resid_mid":
+        pre_name, attn_out_name = writer_hooks(hook_name)
+        seen: dict[str, torch.Tensor] = {}
+
+        def read_resid_pre(act: torch.Tensor, hook: Any) -> None:
+            seen["resid_pre"] = act
+
+        def write_attn_out(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            # resid_mid = resid_pre + attn_out, so this attn_out makes resid_mid == values here.
+            resid_pre = seen.pop("resid_pre").unflatten(0, (copies, -1))
+            return write(act, target(act) - resid_pre)
+
+        return [(pre_name, read_resid_pre), (attn_out_name, write_attn_out)]
+
+    def overwrite(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return write(act, target(act))
+
+    return [(hook_name, overwrite)]
+
+
 def region_hooks(
     region: Region,
     values: torch.Tensor,
@@ -154,30 +269,50 @@ def region_hooks(
             return setter(act.clone(), index, values)
 
         return [(region.hook_name, set_with_setter)]
-    assert mask is not None
-    if layout(region.activation).writer == "resid_mid":
-        pre_name, attn_out_name = writer_hooks(region.hook_name)
-        seen: dict[str, torch.Tensor] = {}
-
-        def read_resid_pre(act: torch.Tensor, hook: Any) -> None:
-            seen["resid_pre"] = act
-
-        def write_attn_out(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            # resid_mid = resid_pre + attn_out, so this attn_out makes resid_mid == values here.
-            target = values.to(act.dtype) - seen["resid_pre"]
-            return torch.where(mask, target, act)
-
-        return [(pre_name, read_resid_pre), (attn_out_name, write_attn_out)]
-
-    def overwrite(act: torch.Tensor, hook: Any) -> torch.Tensor:
-        return torch.where(mask, values.to(act.dtype), act)
-
-    return [(region.hook_name, overwrite)]
+    if mask is None:
+        raise ValueError(f"region at {region.hook_name!r} has neither a setter nor a mask")
+    writer = layout(region.activation).writer
+    return write_hooks(region.hook_name, writer, values, mask.unsqueeze(0))
 
 
 def source_values(region: Region, runs: Runs) -> torch.Tensor:
     """The full tensor a region takes its patched values from."""
     return region.source.values(region.hook_name, runs)
+
+
+def logit_positions(evaluate: Any, seq: int) -> tuple[int, ...] | None:
+    """The sorted, non-negative positions ``evaluate`` reads, or ``None`` when it reads all.
+
+    Example:
+        >>> class Last:
+        ...     positions = (-1,)
+        >>> logit_positions(Last(), seq=6)
+        (5,)
+    """
+    positions = getattr(evaluate, "positions", None)
+    if positions is None:
+        return None
+    return tuple(sorted({int(p) % seq for p in positions}))
+
+
+def evaluate_cells(
+    evaluate: Any,
+    logits: Float[torch.Tensor, "copies_batch pos vocab"],
+    cells: Sequence[Cell],
+    positions: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """The values of ``len(cells)`` cells whose logits are stacked copy-major in ``logits``.
+
+    Uses ``evaluate.many`` when it exists, else calls ``evaluate`` on each cell's slice (which
+    needs full logits: ``positions`` must then be ``None``).
+    """
+    many = getattr(evaluate, "many", None)
+    if many is not None:
+        return many(logits, cells, positions)
+    if positions is not None:
+        raise ValueError("an evaluate callable without .many() needs full logits")
+    parts = logits.unflatten(0, (len(cells), -1))
+    return torch.stack([evaluate(part, cell) for part, cell in zip(parts, cells, strict=True)])
 
 
 def run_reference(
@@ -201,7 +336,9 @@ def run_reference(
     tokens = runs.tokens(plan.receiver)
     out: list[torch.Tensor] = []
     with torch.inference_mode():
-        for cell in tqdm(plan.cells, desc="patching (reference)", unit="cell", disable=not progress):
+        for cell in tqdm(
+            plan.cells, desc="patching (reference)", unit="cell", disable=not progress
+        ):
             hooks: list[Hook] = []
             counter = FireCounter()
             for region in cell.regions:
@@ -236,5 +373,3 @@ def get_engine(name: str) -> Engine:
 def describe_cell(plan: Plan, cell: Cell) -> str:
     """``"layer=3, head=1"``: a cell's coordinates for error messages."""
     return ", ".join(f"{d}={v}" for d, v in zip(plan.dims, cell.coords, strict=True))
-
-
