@@ -59,7 +59,7 @@ def top_cells(result: xr.DataArray, k: int = 3) -> list[tuple[dict[str, Any], fl
     out = []
     for i in order:
         cell = flat.isel(cell=int(i))
-        out.append(({d: int(cell[d].item()) for d in norm.dims}, float(cell.item())))
+        out.append(({str(d): int(cell[d].item()) for d in norm.dims}, float(cell.item())))
     return out
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,10 @@ import attrs
 
 from patchspec import catalog, metrics
 from patchspec.errors import PatchSpecError, did_you_mean
-from patchspec.spec import AnySpec, spec_from_dict
+from patchspec.spec import AnySpec, PatchSpec, spec_from_dict
+from patchspec.sweep import Sweep
 
-METRICS = {
+METRICS: dict[str, Callable[..., metrics.Metric]] = {
     "logit_diff": metrics.logit_diff,
     "logprob": metrics.logprob,
     "prob": metrics.prob,
@@ -138,7 +139,7 @@ def _specs(section: Any, source: str) -> tuple[AnySpec, ...]:
     if not isinstance(section, list) or not section:
         raise _fail(source, "[[specs]]", "needs at least one entry (catalog = NAME, or an inline spec)")
     out: list[AnySpec] = []
-    known = {**catalog.SPECS, **catalog.SWEEPS}
+    known: dict[str, PatchSpec | Sweep] = {**catalog.SPECS, **catalog.SWEEPS}
     for i, entry in enumerate(section):
         where = f"[[specs]] entry {i + 1}"
         if not isinstance(entry, Mapping):
@@ -148,7 +149,7 @@ def _specs(section: Any, source: str) -> tuple[AnySpec, ...]:
             if name not in known:
                 raise _fail(source, f"{where} catalog", f"= {name!r} is not a catalogue name; valid: {', '.join(known)}{did_you_mean(str(name), known)}")
             item = known[name]
-            out.extend(item.specs if hasattr(item, "specs") else [item])
+            out.extend(item.specs if isinstance(item, Sweep) else [item])
             continue
         try:
             out.append(spec_from_dict(entry))

@@ -7,7 +7,10 @@ position coordinates are integers; every position dim gets the token strings bes
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -19,6 +22,8 @@ import xarray as xr
 from patchspec.plan import Plan
 
 POSITION_DIMS = ("pos", "dest_pos", "src_pos")
+#: Baselines stored in attrs, and for per-prompt metrics also as coordinates along ``example``.
+BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
 
 
 def package_version(name: str) -> str:
@@ -59,6 +64,17 @@ def token_labels(model: Any, tokens: torch.Tensor) -> list[str]:
     return labels
 
 
+def named_token_labels(
+    model: Any, tokens: torch.Tensor, index: Mapping[str, Sequence[int]]
+) -> dict[str, str]:
+    """One label per named position: the tokens at each prompt's own index, joined by ``|``."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    return {
+        name: token_labels(model, tokens[rows, torch.as_tensor(list(at), device=tokens.device)][:, None])[0]
+        for name, at in index.items()
+    }
+
+
 def to_dataarray(
     plan: Plan,
     values: torch.Tensor,
@@ -66,25 +82,131 @@ def to_dataarray(
     name: str,
     labels: Sequence[str] | None,
     attrs: Mapping[str, Any],
+    prompts: Mapping[str, Sequence[str]] | None = None,
+    metrics: Sequence[str] | None = None,
 ) -> xr.DataArray:
-    """Lay the per-cell ``values`` (``[cells]`` or ``[cells, example]``) out over the plan's dims."""
+    """Lay the per-cell ``values`` (``[cells]`` or ``[cells, example]``) out over the plan's dims.
+
+    With an ``example`` dim, per-example baselines in ``attrs`` (``clean_baseline``,
+    ``corrupted_baseline``) are also laid along it as coordinates, so they follow ``sel`` and
+    broadcast in arithmetic, and ``prompts`` (e.g. ``{"clean_prompt": [...]}``) become text
+    coordinates along it.
+
+    With ``metrics`` (several metrics evaluated on the same passes), ``values`` are ``[cells,
+    metric]`` or ``[cells, metric, example]``: the result gets a ``metric`` dim whose
+    coordinates are these names, and the baselines are laid along ``metric`` (and ``example``).
+    """
     data = values.detach().float().cpu().numpy().astype(np.float64)
-    extra: tuple[str, ...] = ("example",) if data.ndim == 2 else ()
+    lead: tuple[str, ...] = () if metrics is None else ("metric",)
+    extra: tuple[str, ...] = (*lead, "example") if data.ndim == 2 + len(lead) else lead
     data = data.reshape(plan.shape + data.shape[1:])
     coords: dict[str, Any] = {dim: list(plan.coords[dim]) for dim in plan.dims}
-    if extra:
-        coords["example"] = list(range(data.shape[-1]))
+    if metrics is not None:
+        coords["metric"] = list(metrics)
+        for key in BASELINE_KEYS:
+            value = np.asarray(attrs.get(key, ()), dtype=np.float64)
+            if value.shape == data.shape[len(plan.shape) :]:
+                coords[key] = (extra, value)
+    if "example" in extra:
+        n = data.shape[-1]
+        coords["example"] = list(range(n))
+        for key in BASELINE_KEYS:
+            listed = attrs.get(key)
+            if not lead and isinstance(listed, list | tuple) and len(listed) == n:
+                coords[key] = ("example", [float(v) for v in listed])
+        for key, texts in (prompts or {}).items():
+            if len(texts) == n:
+                coords[key] = ("example", list(texts))
     if labels is not None:
         for dim in plan.dims:
             if is_position_dim(dim) and all(isinstance(p, int) for p in plan.coords[dim]):
                 coords[f"{dim}_token"] = (dim, [labels[p] for p in plan.coords[dim]])
+    named = plan.positions.labels if plan.positions is not None else {}
+    for dim in plan.dims:
+        if is_position_dim(dim) and named and all(p in named for p in plan.coords[dim]):
+            coords[f"{dim}_token"] = (dim, [named[p] for p in plan.coords[dim]])
     return xr.DataArray(data, dims=(*plan.dims, *extra), coords=coords, name=name, attrs=dict(attrs))
 
 
-def provenance(model: Any) -> dict[str, str]:
-    """Model name and library versions for a result's attrs."""
-    return {
+def provenance(model: Any, *tokens: torch.Tensor | None) -> dict[str, str]:
+    """Model name, hashes of its weights and of the ``tokens``, and library versions.
+
+    The weights hash is computed once per model object (and again only after a parameter is
+    replaced or modified in place); see :func:`weights_hash`.
+    """
+    out = {
         "model": str(getattr(model.cfg, "model_name", None) or type(model).__name__),
-        "patchspec_version": package_version("patchspec"),
-        "transformer_lens_version": package_version("transformer-lens"),
+        "model_weights_sha256": weights_hash(model),
     }
+    if tokens:
+        out["tokens_sha256"] = tokens_hash(*tokens)
+    out["patchspec_version"] = package_version("patchspec")
+    out["transformer_lens_version"] = package_version("transformer-lens")
+    return out
+
+
+_WEIGHTS_HASHES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hash_tensor(hasher: Any, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().reshape(-1).contiguous()
+    hasher.update(f"{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    hasher.update(flat.view(torch.uint8).cpu().numpy().data)
+
+
+def weights_hash(model: Any) -> str:
+    """SHA-256 of a model's parameters (names, shapes, dtypes and bytes), cached per model.
+
+    The cache is keyed by the model object and each parameter's identity and in-place version
+    counter, so a second sweep on the same model costs nothing and changed weights are hashed
+    again.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> weights_hash(m) == weights_hash(m), len(weights_hash(m))
+        (True, 64)
+    """
+    params = list(model.named_parameters())
+    key = tuple((name, id(p), p.data_ptr(), p._version) for name, p in params)
+    try:
+        cached = _WEIGHTS_HASHES.get(model)
+    except TypeError:  # not weak-referenceable: hash every time
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    hasher = hashlib.sha256()
+    for name, p in params:
+        hasher.update(name.encode())
+        _hash_tensor(hasher, p)
+    digest = hasher.hexdigest()
+    with contextlib.suppress(TypeError):
+        _WEIGHTS_HASHES[model] = (key, digest)
+    return digest
+
+
+def tokens_hash(*tokens: torch.Tensor | None) -> str:
+    """SHA-256 of token tensors (shapes and int64 ids, in order; ``None`` counts as absent).
+
+    Example:
+        >>> t = torch.tensor([[0, 5, 7]])
+        >>> tokens_hash(t, t) == tokens_hash(t.clone(), t.clone()), tokens_hash(t) == tokens_hash(t, t)
+        (True, False)
+    """
+    hasher = hashlib.sha256()
+    for t in tokens:
+        if t is None:
+            hasher.update(b"none;")
+        else:
+            _hash_tensor(hasher, t.long())
+    return hasher.hexdigest()
+
+
+def prompt_texts(prompts: Any) -> list[str] | None:
+    """The prompts as a list of strings when they were given as text, else ``None``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list | tuple) and prompts and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    return None

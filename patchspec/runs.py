@@ -6,7 +6,7 @@ caches exactly the activations a plan reads, each run at most once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -50,7 +50,12 @@ def to_tokens(model: Any, prompts: Prompts, what: str) -> Tokens:
     if isinstance(prompts, str | list) and all(isinstance(p, str) for p in _as_list(prompts)):
         if getattr(model, "tokenizer", None) is None:
             raise InputError(f"{what} prompts are strings but the model has no tokenizer; pass tokens")
-        tokens = model.to_tokens(prompts)
+        if isinstance(prompts, list) and len(prompts) > 1:
+            # Right padding keeps every real token of a causal model exactly as unpadded, with
+            # no attention mask (patched forwards pass none); see pad_to and Runs.real_mask.
+            tokens = model.to_tokens(prompts, padding_side="right")
+        else:
+            tokens = model.to_tokens(prompts)
     elif isinstance(prompts, torch.Tensor):
         tokens = prompts
     else:
@@ -69,6 +74,39 @@ def to_tokens(model: Any, prompts: Prompts, what: str) -> Tokens:
 
 def _as_list(prompts: str | list[Any]) -> list[Any]:
     return [prompts] if isinstance(prompts, str) else prompts
+
+
+def _texts(prompts: Any) -> list[str] | None:
+    """The prompts as a list of strings when they are text, else ``None``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    return None
+
+
+def _pad_id(model: Any) -> int | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return None if pad is None else int(pad)
+
+
+def pad_to(model: Any, tokens: Tokens, length: int) -> Tokens:
+    """``tokens`` right-padded with the tokenizer's pad token to ``length`` positions.
+
+    Raises:
+        InputError: padding is needed but the tokenizer has no pad token.
+    """
+    missing = length - tokens.shape[1]
+    if missing <= 0:
+        return tokens
+    pad = _pad_id(model)
+    if pad is None:
+        raise InputError(
+            "prompts of different token lengths must be padded, but the tokenizer has no pad "
+            "token; set model.tokenizer.pad_token or pass padded tokens"
+        )
+    return torch.nn.functional.pad(tokens, (0, missing), value=pad)
 
 
 class Runs:
@@ -90,10 +128,21 @@ class Runs:
         *,
         hook_names: Iterable[str] = (),
         clean_cache: Mapping[str, torch.Tensor] | None = None,
+        reference: Prompts | Mapping[str, Prompts] | None = None,
     ) -> None:
         self.model = model
         self.corrupted_tokens = to_tokens(model, corrupted, "corrupted")
         self.clean_tokens = None if clean is None else to_tokens(model, clean, "clean")
+        self._text: dict[Receiver, list[str]] = {}
+        for which, prompts in (("corrupted", corrupted), ("clean", clean)):
+            texts = _texts(prompts)
+            if texts is not None:
+                self._text[which] = texts  # type: ignore[index]
+        if len(self._text) == 2 and self.clean_tokens is not None:
+            # Text prompts padded separately may differ in length; pad both to the longer.
+            length = max(self.clean_tokens.shape[1], self.corrupted_tokens.shape[1])
+            self.clean_tokens = pad_to(model, self.clean_tokens, length)
+            self.corrupted_tokens = pad_to(model, self.corrupted_tokens, length)
         if self.clean_tokens is not None and self.clean_tokens.shape != self.corrupted_tokens.shape:
             raise InputError(
                 f"clean and corrupted tokens must have the same shape, got clean "
@@ -105,6 +154,13 @@ class Runs:
         self._logits: dict[Receiver, torch.Tensor] = {}
         if clean_cache is not None:
             self._caches["clean"] = clean_cache
+        if reference is None or isinstance(reference, Mapping):
+            self._references: dict[str, Prompts] = dict(reference or {})
+        else:
+            self._references = {"reference": reference}
+        self._reference_caches: dict[str, dict[str, torch.Tensor]] = {}
+        self._memo: dict[Any, torch.Tensor] = {}
+        self._lengths: dict[Receiver, tuple[int, ...]] = {}
 
     @property
     def batch(self) -> int:
@@ -156,3 +212,83 @@ class Runs:
     def corrupted(self, hook_name: str) -> torch.Tensor:
         """The corrupted run's activation at ``hook_name``."""
         return self.activation("corrupted", hook_name)
+
+    # --- what value sources and named positions read ------------------------------------------
+    def memo(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, computed once per sweep for each hashable ``key``."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def lengths(self, which: Receiver) -> tuple[int, ...]:
+        """The number of real (unpadded) tokens of each prompt of one run.
+
+        Text prompts are tokenized one by one; token tensors are read as right-padded with the
+        tokenizer's pad token (trailing pad tokens are padding).
+
+        Raises:
+            InputError: the tokens are left-padded (patched forwards pass no attention mask, so
+                left-padded prompts would be computed wrongly).
+        """
+        if which not in self._lengths:
+            self._lengths[which] = self._measure(which)
+        return self._lengths[which]
+
+    def _measure(self, which: Receiver) -> tuple[int, ...]:
+        tokens = self.tokens(which)
+        seq = int(tokens.shape[1])
+        if which in self._text:
+            return tuple(min(seq, int(self.model.to_tokens(p).shape[1])) for p in self._text[which])
+        pad = _pad_id(self.model)
+        if pad is None:
+            return (seq,) * int(tokens.shape[0])
+        real = tokens.ne(pad).cpu()
+        lengths = []
+        for b, row in enumerate(real.tolist()):
+            last = max((i for i, r in enumerate(row) if r), default=-1) + 1
+            first = row.index(True) if True in row else 0
+            bos = getattr(getattr(self.model, "tokenizer", None), "bos_token_id", None)
+            if first > 1 or (first == 1 and bos != pad):
+                raise InputError(
+                    f"{which} prompt {b} is left-padded ({first} leading pad tokens, pad id "
+                    f"{pad}); patched forward passes run without an attention mask, so pad "
+                    "on the right (tokenizer.padding_side = 'right') or pass the prompts as text"
+                )
+            lengths.append(last)
+        return tuple(lengths)
+
+    def real_mask(self, which: Receiver) -> torch.Tensor | None:
+        """``[batch, pos]``: True at real tokens, False at padding; ``None`` when unpadded."""
+        if which not in self._text and _pad_id(self.model) is None:
+            return None
+        lengths = self.lengths(which)
+        if all(n == self.seq for n in lengths):
+            return None
+        device = self.tokens(which).device
+        positions = torch.arange(self.seq, device=device)
+        return positions < torch.tensor(lengths, device=device).unsqueeze(1)
+
+    def reference(self, name: str, hook_name: str) -> torch.Tensor:
+        """The activation at ``hook_name`` of the reference dataset ``name`` (run once).
+
+        Raises:
+            InputError: no reference dataset of that name was passed to the sweep.
+        """
+        if name not in self._references:
+            given = ", ".join(map(repr, self._references)) or "none"
+            raise InputError(
+                f"Mean(over={name!r}) needs a reference dataset {name!r}; pass "
+                f"reference=tokens (named 'reference') or reference={{{name!r}: tokens}} to "
+                f"run() (given: {given})"
+            )
+        if name not in self._reference_caches:
+            tokens = to_tokens(self.model, self._references[name], f"reference {name!r}")
+            names = self.hook_names
+            _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            self._reference_caches[name] = {k: v.detach() for k, v in cache.items()}
+        try:
+            return self._reference_caches[name][hook_name]
+        except KeyError:
+            raise InputError(
+                f"the reference dataset {name!r} has no activation {hook_name!r}"
+            ) from None

@@ -18,7 +18,12 @@ import attrs
 
 from patchspec.errors import SpecError, did_you_mean
 from patchspec.layouts import Layout, layout
-from patchspec.sources import Clean, Source, source_from_dict
+from patchspec.sources import Clean, Receiver, Source, source_from_dict
+
+#: The axis that sweeps value sources (``restrictions={"source": (Corrupted(), Zero())}``).
+SOURCE_AXIS = "source"
+#: Dims that index token positions; their restrictions may name positions (``pos="S2"``).
+POSITION_DIMS = ("pos", "dest_pos", "src_pos")
 
 
 @attrs.frozen
@@ -133,6 +138,9 @@ class PatchSpec:
                     "axis 'batch' cannot be swept: every cell patches all examples; "
                     "per-example values come from a metric that returns one value per prompt"
                 )
+            if axis == SOURCE_AXIS:
+                _check_sources(restricted.get(axis))
+                continue
             if axis in lay.patch_dims:
                 continue
             if self.rule is not None and axis in restricted and _explicit(restricted[axis]):
@@ -164,6 +172,13 @@ class PatchSpec:
             )
         if self.rule is not None and not callable(self.rule):
             raise SpecError(f"rule must be callable, got {type(self.rule).__name__}")
+        receivers = {source.receiver for source in self.sources}
+        if len(receivers) > 1:
+            raise SpecError(
+                f"all sources swept by one spec must patch the same run; got {list(self.sources)} "
+                f"patching {sorted(receivers)} (e.g. Clean() patches the corrupted run, Zero() "
+                "the clean run: use Zero(receiver='corrupted') to compare them)"
+            )
 
     # --- views -------------------------------------------------------------------------
     @property
@@ -190,6 +205,19 @@ class PatchSpec:
         """The restriction of ``name``, or ``None``."""
         return dict(self.restrictions).get(name)
 
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """The value sources this spec patches from: the swept ones, or just ``source``."""
+        if SOURCE_AXIS in self.axes:
+            listed = self.restriction(SOURCE_AXIS)
+            return listed if isinstance(listed, tuple) else (listed,)  # type: ignore[return-value]
+        return (self.source,)
+
+    @property
+    def receiver(self) -> Receiver:
+        """The run every source of this spec patches (``"corrupted"`` for denoising)."""
+        return self.sources[0].receiver
+
     # --- derived specs -----------------------------------------------------------------
     def sel(self, **restrictions: Any) -> PatchSpec:
         """A new spec with these restrictions added (replacing earlier ones of the same name).
@@ -212,6 +240,22 @@ class PatchSpec:
     def using(self, source: Source) -> PatchSpec:
         """A new spec taking patched values from ``source``."""
         return attrs.evolve(self, source=source)
+
+    def over_sources(self, *sources: Source) -> PatchSpec:
+        """A new spec sweeping ``sources`` as a leading ``source`` axis.
+
+        The result gets a ``source`` dim labelled by each source's :attr:`~Source.label`
+        (``"zero"``, ``"gaussian(scale=0.1)"``). All sources must patch the same run.
+
+        Example:
+            >>> from patchspec.sources import Corrupted, Zero
+            >>> PatchSpec("z", axes=("layer", "head")).over_sources(Corrupted(), Zero()).dims
+            ('source', 'layer', 'head')
+        """
+        axes = self.axes if SOURCE_AXIS in self.axes else (SOURCE_AXIS, *self.axes)
+        return attrs.evolve(
+            self, axes=axes, restrictions={**dict(self.restrictions), SOURCE_AXIS: sources}
+        )
 
     def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
         return JointSpec(parts=self.parts + other.parts)
@@ -291,24 +335,46 @@ class PatchSpec:
 
 def _check_int_selector(name: str, selector: Selector) -> None:
     values = selector if isinstance(selector, tuple) else (selector,)
+    named = name in POSITION_DIMS
     for value in values:
-        if isinstance(value, Slice):
+        if isinstance(value, Slice) or (named and isinstance(value, str)):
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(
-                f"restriction {name}={value!r} must be an int, a list of ints or a slice"
-            )
+            what = "an int or a position name, a list of them" if named else "an int, a list of ints"
+            raise SpecError(f"restriction {name}={value!r} must be {what} or a slice")
+    if named and len({isinstance(v, str) for v in values}) > 1:
+        raise SpecError(
+            f"restriction {name}={selector!r} mixes position names and ints; give names only "
+            "(resolved per prompt) or ints only"
+        )
+
+
+def _check_sources(selector: Selector | None) -> None:
+    values = selector if isinstance(selector, tuple) else (selector,)
+    if selector is None or not all(isinstance(v, Source) for v in values):
+        raise SpecError(
+            f"axis 'source' sweeps value sources and needs them listed, e.g. "
+            f"restrictions={{'source': (Corrupted(), Zero())}} or "
+            f"spec.over_sources(Corrupted(), Zero()); "
+            f"got {selector!r}"
+        )
 
 
 def _selector_to_plain(selector: Selector) -> Any:
     if isinstance(selector, Slice):
         return {"slice": [selector.start, selector.stop, selector.step]}
+    if isinstance(selector, Source):
+        return selector.to_dict()
     if isinstance(selector, tuple):
-        return list(selector)
+        return [_selector_to_plain(v) for v in selector]
     return selector
 
 
 def _selector_from_plain(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_selector_from_plain(v) for v in value]
+    if isinstance(value, Mapping) and "kind" in value:
+        return source_from_dict(value)
     if isinstance(value, Mapping):
         if set(value) != {"slice"}:
             raise SpecError(f"a restriction dict must be {{'slice': [start, stop, step]}}, got {value!r}")
@@ -347,11 +413,12 @@ class JointSpec:
     def __attrs_post_init__(self) -> None:
         if len(self.parts) < 2:
             raise SpecError(f"a joint spec needs at least two parts, got {len(self.parts)}")
-        receivers = {part.source.receiver for part in self.parts}
+        receivers = {part.receiver for part in self.parts}
         if len(receivers) > 1:
             raise SpecError(
                 "the parts of a joint spec must patch the same run; got sources "
-                f"{[part.source for part in self.parts]} (denoising and noising mixed)"
+                f"{[list(part.sources) for part in self.parts]} patching "
+                f"{[part.receiver for part in self.parts]} (denoising and noising mixed)"
             )
 
     @property
@@ -380,6 +447,16 @@ class JointSpec:
     def source(self) -> Source:
         """The first part's source (all parts patch the same run)."""
         return self.parts[0].source
+
+    @property
+    def sources(self) -> tuple[Source, ...]:
+        """Every distinct source of the parts, in order."""
+        return tuple(dict.fromkeys(s for part in self.parts for s in part.sources))
+
+    @property
+    def receiver(self) -> Receiver:
+        """The run every part patches."""
+        return self.parts[0].receiver
 
     def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
         return JointSpec(parts=self.parts + other.parts)

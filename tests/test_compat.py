@@ -14,7 +14,7 @@ from tests.conftest import logit_diff_metric, per_example_metric
 ALL_FUNCTIONS = [entry.tl_function for entry in catalog.TABLE] + [s.tl_function for s in catalog.STACKS]
 # TransformerLens 4.3's resid_mid is the second norm's input, not the residual stream (see compat).
 MATCHING = [name for name in ALL_FUNCTIONS if name != "get_act_patch_resid_mid"]
-ENGINES = ["reference"]
+ENGINES = ["reference", "batched"]
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +114,16 @@ def test_custom_patch_setter(setup):
     """A user's own setter callable works and matches TransformerLens."""
     model, corrupted, cache = setup
 
-    def zero_and_patch(act, index, clean):
-        layer, pos = index
+    def half_patch(act, index, clean):
+        _layer, pos = index
         act[:, pos] = 0.5 * clean[:, pos] + 0.5 * act[:, pos]
         return act
 
     expected = tl.generic_activation_patch(
-        model, corrupted, cache, logit_diff_metric, zero_and_patch, "resid_pre", index_axis_names=("layer", "pos")
+        model, corrupted, cache, logit_diff_metric, half_patch, "resid_pre", index_axis_names=("layer", "pos")
     )
     got = compat.generic_activation_patch(
-        model, corrupted, cache, logit_diff_metric, zero_and_patch, "resid_pre",
+        model, corrupted, cache, logit_diff_metric, half_patch, "resid_pre",
         index_axis_names=("layer", "pos"), progress=False,
     )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

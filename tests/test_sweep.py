@@ -8,7 +8,16 @@ import torch
 import xarray as xr
 
 import patchspec.compat as compat
-from patchspec import HookError, InputError, MetricError, PatchSpec, SpecError, Sweep, catalog, metrics
+from patchspec import (
+    HookError,
+    InputError,
+    MetricError,
+    PatchSpec,
+    SpecError,
+    Sweep,
+    catalog,
+    metrics,
+)
 from tests.conftest import logit_diff_metric, per_example_metric
 
 REF = {"engine": "reference", "progress": False}
@@ -94,7 +103,7 @@ def test_joint_spec_equals_manual_hooks(gpt2, tokens):
             return fn
 
         hooks = [(f"blocks.{l1}.attn.hook_z", hook(h1, l1)), (f"blocks.{l2}.attn.hook_z", hook(h2, l2))]
-        return float(logit_diff_metric(gpt2.run_with_hooks(corrupted, fwd_hooks=hooks)))
+        return float(logit_diff_metric(gpt2.run_with_hooks(corrupted, fwd_hooks=hooks).detach()))
 
     for l1 in (0, 1):
         for h1 in (1, 2):

@@ -29,7 +29,7 @@ def specs(draw: st.DrawFn) -> PatchSpec:
                 st.integers(-size, size - 1),
                 st.lists(st.integers(0, size - 1), unique=True, min_size=1, max_size=size),
                 st.builds(slice, st.integers(0, size - 1), st.none() | st.integers(1, size)).filter(
-                    lambda s: len(range(*s.indices(size))) > 0
+                    lambda s, size=size: len(range(*s.indices(size))) > 0
                 ),
             )
         )
