@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import xarray as xr
 
 from patchspec import catalog, metrics
@@ -33,34 +34,17 @@ DEMO_SPECS = (
 )
 
 
-def normalized(result: xr.DataArray) -> xr.DataArray:
-    """``(patched - corrupted) / (clean - corrupted)``: 0 = no effect, 1 = clean restored."""
-    clean, corrupted = result.attrs["clean_baseline"], result.attrs["corrupted_baseline"]
-    return (result - corrupted) / (clean - corrupted)
-
-
-def describe(result: xr.DataArray, point: dict[str, Any]) -> str:
-    """``layer=1 head=2 pos=9 ('c')``: a cell with its token label."""
+def describe(cell: xr.DataArray) -> str:
+    """``layer=1 head=2 pos=9 ('c'): +0.94``: one row of ``result.patch.top()``."""
     parts = []
-    for dim, value in point.items():
-        label = f"{dim}={value}"
-        token = f"{dim}_token"
-        if token in result.coords:
-            label += f" ({str(result.coords[token].sel({dim: value}).item())!r})"
+    for name, coord in cell.coords.items():
+        if name == "rank" or str(name).endswith("_token"):
+            continue
+        label = f"{name}={coord.item()}"
+        if f"{name}_token" in cell.coords:
+            label += f" ({cell.coords[f'{name}_token'].item()!r})"
         parts.append(label)
-    return " ".join(parts)
-
-
-def top_cells(result: xr.DataArray, k: int = 3) -> list[tuple[dict[str, Any], float]]:
-    """The ``k`` cells with the largest normalised effect, as (coordinates, value)."""
-    norm = normalized(result)
-    flat = norm.stack(cell=norm.dims)
-    order = flat.values.argsort()[::-1][:k]
-    out = []
-    for i in order:
-        cell = flat.isel(cell=int(i))
-        out.append(({str(d): int(cell[d].item()) for d in norm.dims}, float(cell.item())))
-    return out
+    return f"{' '.join(parts)}: {float(cell):+.2f}"
 
 
 def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
@@ -77,43 +61,67 @@ def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
             from patchspec.plot import plot
 
             png = folder / f"{name}.png"
-            plot(normalized(result).assign_attrs(result.attrs), path=png, title=f"{name}: normalised effect")
+            effect = result.patch.normalized().rename("normalised effect")
+            plot(effect, path=png, title=f"{name}: (patched - corrupted) / (clean - corrupted)", col_wrap=2)
             written.append(png)
     return written
 
 
-def demo(out: Path, *, progress: bool = True, plots: bool = True, engine: str | None = None) -> xr.Dataset:
+@attrs.frozen
+class DemoResult:
+    """What the demo found: the results, and the circuit heads by patching and by detector."""
+
+    results: xr.Dataset
+    previous_token_head: int
+    induction_head: int
+    detector: dict[str, Any]
+    files: list[Path]
+
+
+def demo(out: Path, *, progress: bool = True, plots: bool = True, engine: str | None = None) -> DemoResult:
     """Run the demo sweeps on the toy model, print a summary, write results; return them."""
-    from patchspec.toy import induction_prompts, toy_model
+    from patchspec.toy import detected_heads, induction_prompts, toy_model
 
     started = time.perf_counter()
     model = toy_model()
-    prompts = induction_prompts(n=1, seed=0)
-    metric = metrics.logit_diff(prompts.answer, prompts.wrong)
+    last = model.cfg.n_layers - 1
+    # Replacing the query word's first occurrence breaks the previous-token link, so patching
+    # reveals both halves of the circuit (see patchspec.toy.induction_prompts).
+    prompts = induction_prompts(n=1, seed=0, corruption="query")
+    metric = metrics.logprob(prompts.answer)
     print(f"toy model: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}")
     print(f"clean:     {prompts.clean[0]}")
     print(f"corrupted: {prompts.corrupted[0]}")
-    print(f"metric:    logit({prompts.answer[0]!r}) - logit({prompts.wrong[0]!r}) at the last position")
+    print(f"metric:    log-probability of {prompts.answer[0]!r} at the last position")
     ds = Sweep(*DEMO_SPECS, name="demo").run(
         model, prompts.clean, prompts.corrupted, metric, progress=progress, engine=engine
     )
     print(f"baselines: clean {ds.attrs['clean_baseline']:.3f}, corrupted {ds.attrs['corrupted_baseline']:.3f}")
     print("\nTop cells by normalised effect (1 = patching restores the clean answer):")
     for name, result in ds.data_vars.items():
-        cells = ", ".join(f"{describe(result, p)}: {v:+.2f}" for p, v in top_cells(result, 2))
+        best = result.patch.normalized().patch.top(2, absolute=False)
+        cells = ", ".join(describe(best.sel(rank=r)) for r in best["rank"].values)
         print(f"  {name:<16} {cells}")
-    heads = normalized(ds["head_out"])
+    heads = ds["head_out"].patch.normalized()
     prev = int(heads.sel(layer=0).argmax("head"))
-    induction = int(heads.sel(layer=model.cfg.n_layers - 1).argmax("head"))
+    induction = int(heads.sel(layer=last).argmax("head"))
     print(
-        f"\nCircuit: layer-0 head {prev} (previous-token head) feeds layer-{model.cfg.n_layers - 1} "
-        f"head {induction} (induction head): patching them restores "
-        f"{float(heads.sel(layer=0, head=prev)):.0%} and "
-        f"{float(heads.sel(layer=model.cfg.n_layers - 1, head=induction)):.0%} of the clean logit difference."
+        f"\nCircuit found by patching: layer-0 head {prev} (previous-token head) feeds layer-{last} "
+        f"head {induction} (induction head); patching each alone restores "
+        f"{float(heads.sel(layer=0, head=prev)):.0%} and {float(heads.sel(layer=last, head=induction)):.0%} "
+        "of the clean log-probability."
+    )
+    scores = detected_heads(model)
+    prev_scores, ind_scores = scores["previous_token_head"], scores["induction_head"]
+    print(
+        "TransformerLens's head detector agrees: previous-token scores in layer 0 "
+        f"{[round(float(v), 2) for v in prev_scores[0]]}, induction scores in layer {last} "
+        f"{[round(float(v), 2) for v in ind_scores[last]]}."
     )
     written = write_outputs(ds, out, plots=plots)
     print(f"\nWrote {len(written)} files to {out}/ in {time.perf_counter() - started:.1f} s")
-    return ds
+    detector = {name: value.tolist() for name, value in scores.items()}
+    return DemoResult(ds, prev, induction, detector, written)
 
 
 def run_experiment(path: Path, *, progress: bool = True) -> xr.Dataset:

@@ -183,7 +183,7 @@ def load_experiment(path: str | Path) -> Experiment:
     specs = _specs(data.get("specs"), source)
     output = _section(data, "output", source, required=False)
     run = _section(data, "run", source, required=False)
-    folder = path.parent / str(output.get("folder", "patchspec-out"))
+    folder = (path.parent / str(output.get("folder", "patchspec-out"))).resolve()
     return Experiment(source, model, clean, corrupted, metric, specs, folder, bool(output.get("plots", True)), run.get("engine"))
 
 

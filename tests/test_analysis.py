@@ -6,9 +6,7 @@ values; the random draws use the same seeded generator, so the numbers agree to 
 
 from __future__ import annotations
 
-import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,6 +21,7 @@ from patchspec import stats
 from patchspec.catalog import ATTN_OUT, RESID_PRE
 from patchspec.errors import InputError
 from tests.conftest import logit_diff_metric, per_example_metric
+from tests.docblocks import run_python_blocks
 from tests.models import prompts
 
 
@@ -316,15 +315,10 @@ def test_several_metrics_normalize_each_with_its_own_baselines(gpt2):
 
 def test_analysis_guide_examples_run(monkeypatch, tmp_path):
     """Every python block of docs/analysis.md runs, in order, in one namespace."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        for block in blocks:
-            exec(compile(block, "docs/analysis.md", "exec"), namespace)
+        namespace = run_python_blocks("docs/analysis.md", at_least=8)
     xr.testing.assert_identical(namespace["loaded"], namespace["result"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from patchspec import catalog
+from tests.docblocks import run_python_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +30,11 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/test" in readme and "scripts/test" in ci
     assert "scripts/demo" in readme
+
+
+def test_readme_example_runs(capsys):
+    """The README's ten-line example runs and prints labelled results."""
+    namespace = run_python_blocks("README.md")
+    assert namespace["result"].dims == ("layer", "head")
+    assert "pos_token" in namespace["by_pos"].coords
+    assert "head" in capsys.readouterr().out

@@ -44,7 +44,7 @@ def test_a_good_file_parses(tmp_path):
     experiment = load_experiment(write(tmp_path, GOOD))
     assert [s.label for s in experiment.specs] == ["resid_pre", "attn_out", "mlp_out", "heads_last"]
     assert experiment.specs[-1].restriction("pos") == -1
-    assert experiment.folder == tmp_path / "out" and experiment.metric.name == "logit_diff"
+    assert experiment.folder == (tmp_path / "out").resolve() and experiment.metric.name == "logit_diff"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ multi-head and a grouped-query model, with every registered engine.
 from __future__ import annotations
 
 import json
-import re
 import runpy
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from patchspec import (
 from patchspec.engine import ENGINES
 from patchspec.sources import Source, source_from_dict
 from tests.conftest import per_example_metric
+from tests.docblocks import run_python_blocks
 from tests.models import prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,14 +477,9 @@ def test_custom_rules_over_activation_dims(model, data, engine):
 
 def test_custom_patch_types_guide_runs(monkeypatch, tmp_path):
     """Every python block of docs/custom_patch_types.md runs, in order, in one namespace."""
-    text = (ROOT / "docs" / "custom_patch_types.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 10
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(patchspec.sources, "SOURCES", dict(patchspec.sources.SOURCES))
-    namespace: dict[str, object] = {}
-    for block in blocks:
-        exec(compile(block, "docs/custom_patch_types.md", "exec"), namespace)
+    namespace = run_python_blocks("docs/custom_patch_types.md", at_least=10)
     assert list(namespace["by_name"].pos.values) == ["IO", "S1", "S2", "END"]
 
 
