@@ -15,12 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import patchspec  # noqa: F401  (registers the .patch accessor)
 from patchspec import Corrupted, Gaussian, Mean, PatchSpec, Resample, Zero, catalog, metrics
+from patchspec.tiny import tiny_model
 
 WORDS = ["<bos>", "<pad>", "<unk>", "Mary", "John", "Alice", "Bob", "went", "to", "the", "big",
          "shop", "park", "and", "then", "gave", "a", "drink", "book"]  # fmt: skip
@@ -40,29 +38,6 @@ CORRUPTED = [
 POSITIONS = {"IO": [1, 1, 1], "S1": [3, 3, 3], "S2": [9, 11, 10], "END": -1}
 
 
-def tiny_model(folder: Path) -> TransformerBridge:
-    """A seeded 2-layer GPT-2 bridge with a word-level tokenizer, saved to and booted from ``folder``."""
-    torch.manual_seed(0)
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<bos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=len(WORDS), n_positions=32)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TransformerBridge.boot_transformers(
-        str(folder), device=device, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
-    )
-    model.eval()
-    return model
-
-
 def head_and_previous(cell: dict) -> dict:
     """A custom rule: head ``head`` at the named position and at the token before it."""
     return {"layer": cell["layer"], "head": cell["head"], "pos": (cell["pos"], f"{cell['pos']}-1")}
@@ -70,7 +45,7 @@ def head_and_previous(cell: dict) -> dict:
 
 def main() -> None:
     torch.set_num_threads(1)
-    model = tiny_model(Path(tempfile.mkdtemp()))
+    model = tiny_model(WORDS, Path(tempfile.mkdtemp()))
     # Prompts are right-padded, so the metric reads each prompt's own last token.
     ends = [len(model.to_tokens(p)[0]) - 1 for p in CORRUPTED]
     metric = metrics.logit_diff(

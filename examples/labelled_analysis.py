@@ -13,44 +13,18 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import patchspec
 from patchspec import catalog, metrics
+from patchspec.tiny import tiny_model
 
 WORDS = ["<bos>", "<pad>", "<unk>", "Mary", "John", "Alice", "Bob", "went", "to", "the", "shop",
          "park", "and", "gave", "a", "drink", "book"]  # fmt: skip
 
 
-def tiny_model(folder: Path) -> TransformerBridge:
-    """A seeded 2-layer GPT-2 bridge with a word-level tokenizer, saved to and booted from ``folder``."""
-    torch.manual_seed(0)
-    vocab = {word: i for i, word in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<bos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=len(WORDS), n_positions=32)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = TransformerBridge.boot_transformers(
-        str(folder), device=device, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
-    )
-    model.eval()
-    return model
-
-
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    model = tiny_model(out / "model")
+    model = tiny_model(WORDS, out / "model")
     clean = [
         "Mary and John went to the shop and John gave a drink to",
         "Alice and Bob went to the park and Bob gave a book to",
