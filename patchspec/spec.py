@@ -88,8 +88,29 @@ def _explicit(selector: Selector) -> bool:
     return not isinstance(selector, Slice)
 
 
+class _Combinable:
+    """What both kinds of spec do: combine with ``&`` and run."""
+
+    @property
+    def parts(self) -> tuple[PatchSpec, ...]:
+        raise NotImplementedError
+
+    def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
+        return JointSpec(parts=self.parts + other.parts)
+
+    def run(self, model: Any, clean: Any, corrupted: Any, metric: Any, **options: Any) -> Any:
+        """Sweep this spec and return a labelled ``xarray.DataArray``.
+
+        See :meth:`patchspec.Sweep.run` for the arguments; this is ``Sweep(self).run(...)``
+        for one spec, returning its DataArray instead of a Dataset.
+        """
+        from patchspec.sweep import run
+
+        return run(self, model, clean, corrupted, metric, **options)  # type: ignore[arg-type]
+
+
 @attrs.frozen(repr=False)
-class PatchSpec:
+class PatchSpec(_Combinable):
     """What to patch: an activation, the axes to sweep and how a cell maps to a region.
 
     Args:
@@ -257,18 +278,6 @@ class PatchSpec:
             self, axes=axes, restrictions={**dict(self.restrictions), SOURCE_AXIS: sources}
         )
 
-    def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
-        return JointSpec(parts=self.parts + other.parts)
-
-    def run(self, model: Any, clean: Any, corrupted: Any, metric: Any, **options: Any) -> Any:
-        """Sweep this spec and return a labelled ``xarray.DataArray``.
-
-        See :meth:`patchspec.Sweep.run` for the arguments; this is ``Sweep(self).run(...)``
-        for one spec, returning its DataArray instead of a Dataset.
-        """
-        from patchspec.sweep import run
-
-        return run(self, model, clean, corrupted, metric, **options)
 
     # --- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -395,7 +404,7 @@ def _joint_parts(value: Iterable[PatchSpec | JointSpec]) -> tuple[PatchSpec, ...
 
 
 @attrs.frozen(repr=False)
-class JointSpec:
+class JointSpec(_Combinable):
     """Several specs patched together in the same forward pass, sweeping the product of cells.
 
     Axis names shared by several parts are numbered by part (``head_1``, ``head_2``) so every
@@ -458,18 +467,6 @@ class JointSpec:
         """The run every part patches."""
         return self.parts[0].receiver
 
-    def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
-        return JointSpec(parts=self.parts + other.parts)
-
-    def run(self, model: Any, clean: Any, corrupted: Any, metric: Any, **options: Any) -> Any:
-        """Sweep this spec and return a labelled ``xarray.DataArray``.
-
-        See :meth:`patchspec.Sweep.run` for the arguments; this is ``Sweep(self).run(...)``
-        for one spec, returning its DataArray instead of a Dataset.
-        """
-        from patchspec.sweep import run
-
-        return run(self, model, clean, corrupted, metric, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of the parts (see :meth:`PatchSpec.to_dict`)."""

@@ -144,7 +144,7 @@ def test_sweep_names_must_differ():
 def test_builtin_metrics_match_hand_computation(gpt2, tokens):
     """Built-in metrics equal the same quantity computed by hand on the baselines."""
     clean, corrupted = tokens
-    logits = gpt2(corrupted)
+    logits = gpt2(corrupted).detach()
     cases = {
         "logit_diff": (metrics.logit_diff(5, 7), (logits[:, -1, 5] - logits[:, -1, 7]).mean()),
         "logprob": (metrics.logprob(5), logits[:, -1].log_softmax(-1)[:, 5].mean()),
