@@ -48,6 +48,7 @@ def tiny_model(
     n_ctx: int = 32,
     seed: int = 0,
     device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> TransformerBridge:
     """A seeded random-weight model over a word vocabulary, booted as a ``TransformerBridge``.
 
@@ -59,6 +60,7 @@ def tiny_model(
         n_layers, n_heads, d_model, n_ctx: Sizes.
         seed: Seed of the random weights.
         device: Default: CUDA when available, else CPU.
+        dtype: Parameter dtype (``torch.float16`` and ``torch.bfloat16`` work too).
 
     Returns:
         The model, in eval mode.
@@ -103,7 +105,7 @@ def tiny_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # AutoTokenizer would pick the architecture's own tokenizer class; load ours explicitly.
     model = TransformerBridge.boot_transformers(
-        str(folder), device=device, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
+        str(folder), device=device, dtype=dtype, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
     )
     model.eval()
     return model
