@@ -8,6 +8,7 @@ position coordinates are integers; every position dim gets the token strings bes
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 import weakref
@@ -26,6 +27,7 @@ POSITION_DIMS = ("pos", "dest_pos", "src_pos")
 BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
 
 
+@functools.cache
 def package_version(name: str) -> str:
     """Installed version of a distribution, or ``"unknown"``."""
     try:
@@ -201,12 +203,3 @@ def tokens_hash(*tokens: torch.Tensor | None) -> str:
         else:
             _hash_tensor(hasher, t.long())
     return hasher.hexdigest()
-
-
-def prompt_texts(prompts: Any) -> list[str] | None:
-    """The prompts as a list of strings when they were given as text, else ``None``."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, list | tuple) and prompts and all(isinstance(p, str) for p in prompts):
-        return list(prompts)
-    return None

@@ -76,11 +76,11 @@ def _as_list(prompts: str | list[Any]) -> list[Any]:
     return [prompts] if isinstance(prompts, str) else prompts
 
 
-def _texts(prompts: Any) -> list[str] | None:
-    """The prompts as a list of strings when they are text, else ``None``."""
+def prompt_texts(prompts: Any) -> list[str] | None:
+    """The prompts as a list of strings when they were given as text, else ``None``."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts):
+    if isinstance(prompts, list | tuple) and prompts and all(isinstance(p, str) for p in prompts):
         return list(prompts)
     return None
 
@@ -135,7 +135,7 @@ class Runs:
         self.clean_tokens = None if clean is None else to_tokens(model, clean, "clean")
         self._text: dict[Receiver, list[str]] = {}
         for which, prompts in (("corrupted", corrupted), ("clean", clean)):
-            texts = _texts(prompts)
+            texts = prompt_texts(prompts)
             if texts is not None:
                 self._text[which] = texts  # type: ignore[index]
         if len(self._text) == 2 and self.clean_tokens is not None:

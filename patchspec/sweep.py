@@ -21,12 +21,11 @@ from patchspec.plan import Plan, Positions, PositionTable, Sizes, plan, resolve_
 from patchspec.results import (
     BASELINE_KEYS,
     named_token_labels,
-    prompt_texts,
     provenance,
     to_dataarray,
     token_labels,
 )
-from patchspec.runs import Prompts, Runs, check_eval_mode
+from patchspec.runs import Prompts, Runs, check_eval_mode, prompt_texts
 from patchspec.sources import Receiver
 from patchspec.spec import AnySpec, as_specs
 
