@@ -41,13 +41,12 @@ class Prepared:
     model: Any
     runs: Runs
     plans: tuple[Plan, ...]
-    metric: Metric
+    #: Every metric evaluated; ``metric_dim``: results get a ``metric`` dim.
+    metrics: tuple[Metric, ...]
+    metric_dim: bool
     context: MetricContext
     labels: list[str] | None
     prompts: dict[str, list[str]] = attrs.field(factory=dict)
-    #: Every metric evaluated (``metric`` is the first); ``metric_dim``: results get a metric dim.
-    metrics: tuple[Metric, ...] = ()
-    metric_dim: bool = False
 
 
 def _engine_name(engine: str | None) -> str:
@@ -71,7 +70,6 @@ def prepare(
     """Validate inputs, plan every spec and run the two unpatched passes."""
     check_eval_mode(model)
     metric_list, metric_dim = as_metrics(metric)
-    metric = metric_list[0]
     runs = Runs(model, clean, corrupted, reference=reference)
     sizes = Sizes.of(model, runs.batch, runs.seq)
     named: Positions | None = None
@@ -98,9 +96,7 @@ def prepare(
     labels = token_labels(model, runs.tokens("clean"))
     texts = {"clean_prompt": prompt_texts(clean), "corrupted_prompt": prompt_texts(corrupted)}
     prompts = {k: v for k, v in texts.items() if v is not None}
-    return Prepared(
-        model, runs, plans, metric, context, labels, prompts, metrics=metric_list, metric_dim=metric_dim
-    )
+    return Prepared(model, runs, plans, metric_list, metric_dim, context, labels, prompts)
 
 
 def _run_plan(
@@ -115,7 +111,7 @@ def _run_plan(
     runs = prep.runs
     context = attrs.evolve(prep.context, tokens=runs.tokens(p.receiver))
     evaluate = Evaluator(
-        prep.metrics or (prep.metric,),
+        prep.metrics,
         context,
         stacked=prep.metric_dim,
         describe=lambda cell: describe_cell(p, cell),
