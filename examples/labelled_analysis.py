@@ -61,7 +61,7 @@ def main(out: Path) -> None:
     assert loaded.identical(result)
     rebuilt = patchspec.PatchSpec.from_dict(loaded.attrs["spec"])
     print(
-        "saved to", path, "- spec", rebuilt, "- weights", loaded.attrs["model_weights_sha256"][:12]
+        "saved to", path, "- spec", rebuilt, "- weights", loaded.attrs["model_fingerprint"][:12]
     )
 
     figure = recovery.patch.plot(out / "resid_pre.png", title="recovery per layer and token")

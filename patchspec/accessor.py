@@ -27,11 +27,11 @@ import xarray as xr
 
 from patchspec import stats
 from patchspec.errors import InputError
+from patchspec.results import BASELINE_KEYS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-BASELINES = ("clean_baseline", "corrupted_baseline")
 #: ``attrs["quantity"]`` of derived results; raw patched metric values carry none.
 DERIVED = ("effect", "normalized")
 
@@ -39,7 +39,7 @@ DERIVED = ("effect", "normalized")
 def _baseline(data: xr.DataArray, key: str, dim: str = "example") -> xr.DataArray:
     """One baseline of ``data`` as an array that broadcasts against it."""
     if key in data.coords:
-        return data[key].reset_coords([k for k in BASELINES if k in data[key].coords], drop=True)
+        return data[key].reset_coords([k for k in BASELINE_KEYS if k in data[key].coords], drop=True)
     if key not in data.attrs:
         raise InputError(
             f"result {data.name!r} has no {key!r} coordinate or attr; baselines come with "
@@ -103,8 +103,8 @@ def baselines(data: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:
 
 
 def _derived(data: xr.DataArray, out: xr.DataArray, quantity: str) -> xr.DataArray:
-    out = out.drop_vars([k for k in BASELINES if k in out.coords]).rename(data.name)
-    out.attrs = {k: v for k, v in data.attrs.items() if k not in BASELINES}
+    out = out.drop_vars([k for k in BASELINE_KEYS if k in out.coords]).rename(data.name)
+    out.attrs = {k: v for k, v in data.attrs.items() if k not in BASELINE_KEYS}
     out.attrs["quantity"] = quantity
     return out
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import attrs
 
-from patchspec.spec import PatchSpec
-from patchspec.sweep import Sweep
+from patchspec.spec import PatchSpec, Sweep
 
 # fmt: off
 RESID_PRE             = PatchSpec("resid_pre",   axes=("layer", "pos"),                          name="resid_pre")
@@ -82,22 +81,31 @@ TABLE: tuple[Entry, ...] = (
 
 @attrs.frozen
 class Stack:
-    """A TransformerLens ``*_every`` helper: several catalogue entries stacked on ``patch_type``."""
+    """A TransformerLens ``*_every`` helper: several catalogue entries stacked on ``patch_type``.
+
+    Attributes:
+        sweep: The labelled equivalent.
+        tl_function: Name of the ``transformer_lens.patching`` function.
+        entries: The stacked entries' TransformerLens functions, in ``patch_type`` order.
+        tl_axes: The stacked output's axes.
+        what: What is patched, for generated docstrings.
+        type_names: TransformerLens's ``patch_type_names`` for it.
+    """
 
     sweep: Sweep
     tl_function: str
     entries: tuple[str, ...]
     tl_axes: tuple[str, ...]
     what: str
+    type_names: tuple[str, ...] = ()
 
 
 STACKS: tuple[Stack, ...] = (
-    Stack(BLOCK_EVERY, "get_act_patch_block_every", ("get_act_patch_resid_pre", "get_act_patch_attn_out", "get_act_patch_mlp_out"), ("patch_type", "layer", "pos"), "the residual stream, attention output and MLP output of every block, by position"),
-    Stack(HEAD_ALL_POS_EVERY, "get_act_patch_attn_head_all_pos_every", ("get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos", "get_act_patch_attn_head_v_all_pos", "get_act_patch_attn_head_pattern_all_pos"), ("patch_type", "layer", "head"), "every head's output, query, key, value and pattern, at all positions"),
-    Stack(HEAD_BY_POS_EVERY, "get_act_patch_attn_head_by_pos_every", ("get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_q_by_pos", "get_act_patch_attn_head_k_by_pos", "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_by_pos"), ("patch_type", "layer", "pos", "head"), "every head's output, query, key, value and pattern, by position"),
+    Stack(BLOCK_EVERY, "get_act_patch_block_every", ("get_act_patch_resid_pre", "get_act_patch_attn_out", "get_act_patch_mlp_out"), ("patch_type", "layer", "pos"), "the residual stream, attention output and MLP output of every block, by position", ("resid_pre", "attn_out", "mlp_out")),
+    Stack(HEAD_ALL_POS_EVERY, "get_act_patch_attn_head_all_pos_every", ("get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_q_all_pos", "get_act_patch_attn_head_k_all_pos", "get_act_patch_attn_head_v_all_pos", "get_act_patch_attn_head_pattern_all_pos"), ("patch_type", "layer", "head"), "every head's output, query, key, value and pattern, at all positions", ("out", "q", "k", "v", "pattern")),
+    Stack(HEAD_BY_POS_EVERY, "get_act_patch_attn_head_by_pos_every", ("get_act_patch_attn_head_out_by_pos", "get_act_patch_attn_head_q_by_pos", "get_act_patch_attn_head_k_by_pos", "get_act_patch_attn_head_v_by_pos", "get_act_patch_attn_head_pattern_by_pos"), ("patch_type", "layer", "pos", "head"), "every head's output, query, key, value and pattern, by position", ("out", "q", "k", "v", "pattern")),
 )
 
-BY_TL_NAME: dict[str, Entry] = {entry.tl_function: entry for entry in TABLE}
 SPECS: dict[str, PatchSpec] = {
     name: value for name, value in globals().items() if isinstance(value, PatchSpec) and name.isupper()
 }

@@ -19,7 +19,7 @@ import xarray as xr
 
 from patchspec import catalog, metrics
 from patchspec.errors import PatchSpecError
-from patchspec.sweep import Sweep
+from patchspec.spec import Sweep
 
 DEMO_SPECS = (
     catalog.RESID_PRE,

@@ -2,7 +2,12 @@
 
 Replace ``import transformer_lens.patching as patching`` with ``import patchspec.compat as
 patching`` and nothing changes but the executor (patchspec's, batched by default) and clearer
-errors. Every function here is generated from :data:`patchspec.catalog.TABLE`.
+errors. The functions at the bottom of this module are generated from
+:data:`patchspec.catalog.TABLE` and :data:`patchspec.catalog.STACKS` by
+``scripts/generate_compat.py`` (a test checks that they are up to date); every one goes
+through :mod:`patchspec.runner`, like ``spec.run``. TransformerLens's patch setters are
+translated here, once, into regions: its six setters by the activation dims they index, and
+any other setter by probing which entries it writes; no setter reaches the core.
 
 One deliberate difference: ``get_act_patch_resid_mid`` patches the residual stream itself.
 On TransformerLens 4.3's ``TransformerBridge``, ``hook_resid_mid`` is the second layer norm's
@@ -15,12 +20,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-import einops
+import attrs
+import numpy as np
 import pandas as pd
 import torch
-import transformer_lens.patching as _tl
 from transformer_lens.patching import (
     PatchingResult,
     layer_head_dest_src_pos_pattern_patch_setter,
@@ -32,28 +37,19 @@ from transformer_lens.patching import (
     make_df_from_ranges,
 )
 
+from patchspec import runner
 from patchspec.catalog import STACKS, TABLE, Entry, Stack
-from patchspec.engine import check_hooks, get_engine
 from patchspec.errors import PatchSpecError, SpecError
-from patchspec.layouts import LAYOUTS, layout
-from patchspec.plan import Cell, Region, Sizes, explicit_plan
-from patchspec.runs import Runs, check_eval_mode
-from patchspec.sources import Clean
-
-__all__ = [
-    "PatchingResult",
-    "generic_activation_patch",
-    "layer_head_dest_src_pos_pattern_patch_setter",
-    "layer_head_pattern_patch_setter",
-    "layer_head_pos_pattern_patch_setter",
-    "layer_head_vector_patch_setter",
-    "layer_pos_head_vector_patch_setter",
-    "layer_pos_patch_setter",
-    "make_df_from_ranges",
-]
+from patchspec.layouts import layout
+from patchspec.options import RunOptions
+from patchspec.plan.cells import Cell, Region, normalise_int
+from patchspec.plan.grid import Grid, compile, explicit_grid
+from patchspec.plan.sizes import Sizes
+from patchspec.sources import Clean, Receiver, Source
+from patchspec.spec import PatchSpec
 
 #: TransformerLens's setters, by the activation dims (after ``batch``) their index entries
-#: after ``layer`` select, in order. Any other setter is called as it is, cell by cell.
+#: after ``layer`` select, in order. Any other setter is probed (see :func:`probe_setter`).
 SETTER_DIMS: dict[Callable[..., Any], tuple[int, ...]] = {
     layer_pos_patch_setter: (1,),
     layer_pos_head_vector_patch_setter: (1, 2),
@@ -64,39 +60,158 @@ SETTER_DIMS: dict[Callable[..., Any], tuple[int, ...]] = {
 }
 
 #: TransformerLens's axis spellings -> patchspec's, for the sizes of ``index_axis_names``.
-_TL_AXES = {"layer": "layer", "pos": "pos", "head_index": "head", "head": "head", "src_pos": "src_pos", "dest_pos": "dest_pos"}
+TL_AXES = {
+    "layer": "layer",
+    "pos": "pos",
+    "head_index": "head",
+    "head": "head",
+    "src_pos": "src_pos",
+    "dest_pos": "dest_pos",
+}
+#: How TransformerLens renames result axes when it stacks them (``_RESULT_AXIS_RENAMES``).
+STACK_RENAMES = {"head_index": "head", "dest_pos": "pos"}
+
+BY_NAME: dict[str, Entry] = {entry.tl_function: entry for entry in TABLE}
 
 
-def _region(activation: str, setter: Callable[..., Any], index: Sequence[int]) -> Region:
-    """The region a TransformerLens ``(setter, index)`` pair patches."""
-    layer = int(index[0])
+@attrs.frozen
+class SetterValues(Source):
+    """What a user-written TransformerLens setter writes at one index (internal to compat).
+
+    TransformerLens calls ``setter(corrupted_activation, index, clean_activation)`` in the
+    patched run; a drop-in cell patches one hook, so the activation it receives there is the
+    unpatched corrupted run's, and the setter's output can be computed before the pass.
+    """
+
+    kind: ClassVar[str] = "setter"
+    setter: Callable[..., Any]
+    index: tuple[int, ...]
+
+    def values(self, hook_name: str, runs: Any) -> torch.Tensor:
+        """The setter's output on the unpatched activations."""
+        corrupted = runs.activation("corrupted", hook_name)
+        clean = runs.activation("clean", hook_name)
+        return torch.as_tensor(self.setter(corrupted.clone(), list(self.index), clean))
+
+    def needs(self) -> tuple[Receiver, ...]:
+        """Both runs' caches."""
+        return ("clean", "corrupted")
+
+
+def probe_setter(
+    activation: str, setter: Callable[..., Any], index: Sequence[int], sizes: Sizes
+) -> Region:
+    """The region a user-written patch setter writes for ``index``, found by calling it.
+
+    The setter is called on two probes of distinct values (activation and clean activation of
+    opposite signs, then swapped and scaled). A setter that copies the same product of per-dim
+    selections from the clean activation in both (as every indexing setter does) patches that
+    region from :class:`~patchspec.sources.Clean`. Any other setter (a blend, a maximum)
+    patches the whole activation with its own output on the real activations
+    (:class:`SetterValues`), which is exact: a drop-in cell patches one hook, whose input is
+    the unpatched corrupted activation.
+
+    Raises:
+        SpecError: the setter returns a tensor of another shape.
+    """
+    dims = layout(activation).dims
+    shape = (1, *sizes.shape(activation)[1:])
+    count = int(np.prod(shape))
+    ramp = torch.arange(1, count + 1, dtype=torch.float64).view(shape)
+    name = getattr(setter, "__name__", repr(setter))
+    regions = []
+    copies = True
+    for act, clean in ((ramp, -ramp), (-ramp, 2 * ramp + 0.5)):
+        out = torch.as_tensor(setter(act.clone(), list(index), clean.clone()))
+        if tuple(out.shape) != shape:
+            raise SpecError(
+                f"patch setter {name} returned shape {tuple(out.shape)} for index {list(index)}; "
+                f"it must return the activation's shape {shape}"
+            )
+        written = out != act
+        copies = copies and bool((out[written] == clean[written]).all())
+        regions.append(written)
+    region = _product(regions[0], dims) if copies and bool((regions[0] == regions[1]).all()) else None
+    if region is None:
+        every = tuple((dim, None) for dim in dims[1:])
+        source = SetterValues(setter, tuple(int(i) for i in index))
+        return Region(activation, int(index[0]), every, source)
+    return Region(activation, int(index[0]), region, Clean())
+
+
+def _product(written: torch.Tensor, dims: Sequence[str]) -> tuple[tuple[str, tuple[int, ...] | None], ...] | None:
+    """``written`` as one selection per dim, or ``None`` when it is not such a product."""
+    per_dim: list[tuple[str, tuple[int, ...] | None]] = []
+    product = torch.ones_like(written)
+    for axis, dim in enumerate(dims[1:], start=1):
+        other = [a for a in range(written.ndim) if a != axis]
+        chosen = written.any(dim=other) if other else written
+        picked = tuple(int(i) for i in chosen.nonzero().flatten())
+        view = [1] * written.ndim
+        view[axis] = -1
+        product = product & chosen.view(view)
+        per_dim.append((dim, None if len(picked) == written.shape[axis] else picked))
+    return tuple(per_dim) if bool((product == written).all()) else None
+
+
+def _grid(
+    activation: str, setter: Callable[..., Any], rows: Sequence[Sequence[int]], sizes: Sizes
+) -> Grid:
+    """The grid of TransformerLens's ``(setter, rows)``: a spec for its own setters, else probed
+    regions, one explicit cell per row."""
     dims = SETTER_DIMS.get(setter)
     if dims is None:
-        return Region(activation, layer, (), Clean(), setter=setter, setter_index=tuple(index))
+        cells = [
+            Cell((i,), (probe_setter(activation, setter, row, sizes),)) for i, row in enumerate(rows)
+        ]
+        return explicit_grid(("cell",), {"cell": tuple(range(len(cells)))}, cells, sizes)
     act_dims = layout(activation).dims
-    if len(index) - 1 != len(dims):
-        raise SpecError(
-            f"{setter.__name__} expects an index of {len(dims) + 1} entries (layer first), got {list(index)}"
+    axes = ("layer", *(act_dims[d] for d in dims))
+    table = []
+    for row in rows:
+        if len(row) != len(axes):
+            raise SpecError(
+                f"{setter.__name__} expects an index of {len(axes)} entries (layer first), got "
+                f"{list(row)}"
+            )
+        table.append(
+            [
+                normalise_int(activation, axis, int(v), sizes.size(axis), "index")
+                for axis, v in zip(axes, row, strict=True)
+            ]
         )
-    chosen = {act_dims[d]: (int(i),) for d, i in zip(dims, index[1:], strict=True)}
-    per_dim = tuple((d, chosen.get(d)) for d in act_dims[1:])
-    return Region(activation, layer, per_dim, Clean())
+    spec = PatchSpec(activation, axes=axes)
+    return compile(spec, sizes).with_rows(np.asarray(table, dtype=np.int64).reshape(-1, len(axes)))
 
 
 def _axis_size(name: str, activation: str, sizes: Sizes) -> int:
-    if name not in _TL_AXES:
-        raise SpecError(f"unknown index axis {name!r}; valid axes are {', '.join(_TL_AXES)}")
-    dim = _TL_AXES[name]
-    if dim == "head" and activation in ("k", "v"):
+    if name not in TL_AXES:
+        raise SpecError(f"unknown index axis {name!r}; valid axes are {', '.join(TL_AXES)}")
+    dim = TL_AXES[name]
+    if dim == "head" and "kv_head" in layout(activation).dims:
         dim = "kv_head"
     return sizes.size(dim)
+
+
+def _check_metric(name: str, value: torch.Tensor, reduce: str, batch: int) -> None:
+    if reduce != "scalar" and (value.ndim != 1 or value.shape[0] != batch):
+        raise PatchSpecError(
+            f"patching_metric {name!r} must return a [batch] tensor of length {batch} under "
+            f"reduce={reduce!r}, got shape {tuple(value.shape)}"
+        )
+    if reduce == "scalar" and value.ndim != 0:
+        raise PatchSpecError(
+            f"patching_metric {name!r} must return a scalar under reduce='scalar', got shape "
+            f"{tuple(value.shape)}; return a [batch] tensor and pass reduce='mean' or reduce='none'"
+        )
 
 
 def generic_activation_patch(
     model: Any,
     corrupted_tokens: torch.Tensor,
     clean_cache: Any,
-    patching_metric: Callable[[torch.Tensor], torch.Tensor] | Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    patching_metric: Callable[[torch.Tensor], torch.Tensor]
+    | Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     patch_setter: Callable[..., Any],
     activation_name: str,
     index_axis_names: Sequence[str] | None = None,
@@ -111,11 +226,12 @@ def generic_activation_patch(
     """Drop-in for ``transformer_lens.patching.generic_activation_patch``.
 
     Patches ``activation_name`` cell by cell with ``patch_setter`` (one of TransformerLens's six
-    setters, run as a vectorised region, or any callable ``(act, index, clean_act) -> act``) over
-    the product of ``index_axis_names`` or the rows of ``index_df`` (layer first), and returns
-    exactly what TransformerLens returns: a tensor shaped like the axes (or flat, one entry per
-    ``index_df`` row), optionally with the index frame, or a ``PatchingResult`` under
-    ``reduce="none"``/``"mean"`` with per-example metrics, ``baseline=True`` or a metric mapping.
+    setters, run as a vectorised spec, or any indexing callable ``(act, index, clean_act) ->
+    act``, translated to a region by :func:`probe_setter`) over the product of
+    ``index_axis_names`` or the rows of ``index_df`` (layer first), and returns exactly what
+    TransformerLens returns: a tensor shaped like the axes (or flat, one entry per ``index_df``
+    row), optionally with the index frame, or a ``PatchingResult`` under ``reduce="none"``/
+    ``"mean"`` with per-example metrics, ``baseline=True`` or a metric mapping.
 
     Args:
         model: A TransformerLens model in eval mode.
@@ -129,7 +245,7 @@ def generic_activation_patch(
         return_index_df: Also return the index frame (tensor output only).
         reduce: ``"scalar"``, ``"mean"`` or ``"none"``, as in TransformerLens.
         baseline: Also evaluate the unpatched corrupted run.
-        engine: patchspec executor (``"batched"`` by default, or ``"reference"``).
+        engine: patchspec estimator (``"batched"`` by default, or ``"reference"``).
         progress: Show a progress bar, as TransformerLens does.
 
     Returns:
@@ -141,63 +257,53 @@ def generic_activation_patch(
     """
     if reduce not in ("scalar", "mean", "none"):
         raise PatchSpecError(f"reduce must be one of ('scalar', 'mean', 'none'), got {reduce!r}")
-    if activation_name not in LAYOUTS:
-        layout(activation_name)  # raises with the list of valid names
-    check_eval_mode(model)
-    metrics = dict(patching_metric) if isinstance(patching_metric, Mapping) else {"metric": patching_metric}
+    layout(activation_name)  # raises with the list of valid names
+    metrics = (
+        dict(patching_metric) if isinstance(patching_metric, Mapping) else {"metric": patching_metric}
+    )
     if not metrics:
         raise PatchSpecError("patching_metric mapping must contain at least one metric")
     want_result = isinstance(patching_metric, Mapping) or reduce == "none" or baseline
     if want_result and return_index_df:
-        raise PatchSpecError("return_index_df only applies to the tensor return; a PatchingResult carries index_df")
-    runs = Runs(model, None, corrupted_tokens, clean_cache=clean_cache)
-    sizes = Sizes.of(model, runs.batch, runs.seq)
+        raise PatchSpecError(
+            "return_index_df only applies to the tensor return; a PatchingResult carries index_df"
+        )
+    if index_df is None and index_axis_names is None:
+        raise PatchSpecError("give index_axis_names or index_df")
+    if index_df is not None and index_axis_names is not None:
+        raise PatchSpecError("give index_axis_names or index_df, not both")
+    run = runner.prepare(
+        model,
+        None,
+        corrupted_tokens,
+        metrics,
+        options=RunOptions(engine=engine, progress=progress),
+        clean_cache=clean_cache,
+    )
+    sizes = run.sizes
     flat = index_df is not None
     if index_df is None:
-        if index_axis_names is None:
-            raise PatchSpecError("give index_axis_names or index_df")
-        ranges = [_axis_size(name, activation_name, sizes) for name in index_axis_names]
-        index_df = make_df_from_ranges(ranges, list(index_axis_names))
+        ranges = [_axis_size(name, activation_name, sizes) for name in index_axis_names or ()]
+        index_df = make_df_from_ranges(ranges, list(index_axis_names or ()))
         rows: list[tuple[int, ...]] = list(itertools.product(*(range(r) for r in ranges)))
         cell_shape: tuple[int, ...] = tuple(ranges)
     else:
-        if index_axis_names is not None:
-            raise PatchSpecError("give index_axis_names or index_df, not both")
         rows = [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)]
         cell_shape = (len(rows),)
-    cells = [Cell(coords=row, regions=(_region(activation_name, patch_setter, row),)) for row in rows]
-    p = explicit_plan(("cell",), {"cell": tuple(range(len(cells)))}, cells)
-    check_hooks(model, p)
-    batch = runs.batch
-    per_example = reduce != "scalar"
-
-    def evaluate(logits: torch.Tensor, cell: Cell | None = None) -> torch.Tensor:
-        out = []
+    grid = run.add(_grid(activation_name, patch_setter, rows, sizes))
+    batch = run.session.batch
+    with torch.inference_mode():
+        corrupted_logits = run.session.logits("corrupted")
         for name, fn in metrics.items():
-            value = torch.as_tensor(fn(logits))
-            if per_example and (value.ndim != 1 or value.shape[0] != batch):
-                raise PatchSpecError(
-                    f"patching_metric {name!r} must return a [batch] tensor of length {batch} under "
-                    f"reduce={reduce!r}, got shape {tuple(value.shape)}"
-                )
-            if not per_example and value.ndim != 0:
-                raise PatchSpecError(
-                    f"patching_metric {name!r} must return a scalar under reduce='scalar', got shape "
-                    f"{tuple(value.shape)}; return a [batch] tensor and pass reduce='mean' or reduce='none'"
-                )
-            out.append(value.detach())
-        return torch.stack(out).float()
-
-    values = get_engine(_engine(engine))(model, p, runs, evaluate, progress=progress)
-    store = values.to(getattr(model.cfg, "device", None) or values.device)
+            _check_metric(name, torch.as_tensor(fn(corrupted_logits)), reduce, batch)
+    values, _evaluate, _clean, base = runner.run_grid(run, grid, activation_name)
+    per_example = reduce != "scalar"
+    store = values.float().to(getattr(model.cfg, "device", None) or values.device)
     store = store.movedim(0, 1).reshape((len(metrics), *cell_shape, *((batch,) if per_example else ())))
-    base = None
-    if baseline:
-        with torch.inference_mode():
-            base = evaluate(runs.logits("corrupted"))
+    base = base.float()
     if reduce == "mean":
         store = store.mean(dim=-1)
-        base = None if base is None else base.mean(dim=-1)
+        base = base.mean(dim=-1)
     if not want_result:
         return (store[0], index_df) if return_index_df else store[0]
     has_axis = isinstance(patching_metric, Mapping)
@@ -207,28 +313,123 @@ def generic_activation_patch(
         index_df=index_df,
         metric_names=list(metrics),
         reduced=reduce != "none",
-        baseline=None if base is None else (base if has_axis else base[0]),
+        baseline=None if not baseline else (base if has_axis else base[0]),
         has_metric_axis=has_axis,
     )
-
-
-def _engine(engine: str | None) -> str:
-    from patchspec.sweep import _engine_name
-
-    return _engine_name(engine)
 
 
 _SETTERS = {fn.__name__: fn for fn in SETTER_DIMS}
 
 
-def _docstring(entry: Entry) -> str:
-    dims = ", ".join(entry.spec.axes)
-    tl_shape = ", ".join(entry.tl_axes)
-    return f"""Patch {entry.what}: drop-in for ``transformer_lens.patching.{entry.tl_function}``.
+def _patch_entry(
+    name: str, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
+) -> Any:
+    """Run the catalogue entry ``name`` as TransformerLens's partial of the same name does."""
+    entry = BY_NAME[name]
+    if "index_df" not in kwargs:
+        kwargs.setdefault("index_axis_names", entry.tl_axes)
+    return generic_activation_patch(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        metric,
+        _SETTERS[entry.tl_setter],
+        entry.tl_activation,
+        **kwargs,
+    )
 
-    Same signature and output as TransformerLens: a tensor of shape [{tl_shape}]
-    (result dims: {dims}). The labelled equivalent is ``patchspec.catalog.{_spec_name(entry)}``:
-    ``{entry.spec!r}``.
+
+def _as_result(tensor: torch.Tensor, axis_names: Sequence[str]) -> PatchingResult:
+    """A tensor sweep as a ``PatchingResult``, so it stacks with typed ones."""
+    return PatchingResult(
+        values=tensor,
+        axis_names=list(axis_names),
+        index_df=make_df_from_ranges(list(tensor.shape), list(axis_names)),
+        metric_names=["metric"],
+        reduced=True,
+    )
+
+
+def _align(
+    values: torch.Tensor, names: Sequence[str], axis_order: Sequence[str], lead: int, n_heads: int
+) -> torch.Tensor:
+    """``values`` with its axes permuted to ``axis_order`` and its head axis zero-padded to
+    ``n_heads`` (grouped-query keys/values), as TransformerLens stacks them."""
+    renamed = [STACK_RENAMES.get(n, n) for n in names]
+    if sorted(renamed) != sorted(axis_order):
+        raise PatchSpecError(f"sweep axes {renamed} do not match {list(axis_order)}")
+    perm = list(range(lead)) + [lead + renamed.index(n) for n in axis_order]
+    tail = list(range(lead + len(renamed), values.ndim))
+    out = values.permute(*perm, *tail)
+    if "head" in axis_order:
+        axis = lead + list(axis_order).index("head")
+        missing = n_heads - out.shape[axis]
+        if missing > 0:
+            pad = list(out.shape)
+            pad[axis] = missing
+            out = torch.cat([out, out.new_zeros(pad)], dim=axis)
+    return out
+
+
+def _stack(
+    stack: Stack, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
+) -> torch.Tensor | PatchingResult:
+    """Run a ``*_every`` helper: its entries, aligned and stacked on ``patch_type``."""
+    want_base = bool(kwargs.pop("baseline", False))
+    axis_order = stack.tl_axes[1:]
+    n_heads = int(model.cfg.n_heads) if "head" in axis_order else 0
+    results: list[torch.Tensor | PatchingResult] = []
+    for i, name in enumerate(stack.entries):
+        out = _patch_entry(
+            name, model, corrupted_tokens, clean_cache, metric, baseline=want_base and i == 0, **kwargs
+        )
+        if want_base and isinstance(out, torch.Tensor):
+            out = _as_result(out, BY_NAME[name].tl_axes)
+        results.append(out)
+    if all(isinstance(r, torch.Tensor) for r in results):
+        return torch.stack(
+            [
+                _align(r, BY_NAME[name].tl_axes, axis_order, 0, n_heads)
+                for r, name in zip(results, stack.entries, strict=True)
+                if isinstance(r, torch.Tensor)
+            ]
+        )
+    typed = [r for r in results if isinstance(r, PatchingResult)]
+    if len(typed) != len(results):
+        raise PatchSpecError("cannot stack tensor and PatchingResult sweeps together")
+    first = typed[0]
+    lead = 1 if first.has_metric_axis else 0
+    stacked = torch.stack(
+        [_align(r.values, r.axis_names, axis_order, lead, n_heads) for r in typed], dim=lead
+    )
+    cell_shape = list(stacked.shape[lead : lead + 1 + len(axis_order)])
+    return PatchingResult(
+        values=stacked,
+        axis_names=["patch_type", *axis_order],
+        index_df=make_df_from_ranges(cell_shape, ["patch_type", *axis_order]),
+        metric_names=list(first.metric_names),
+        reduced=first.reduced,
+        baseline=first.baseline,
+        has_metric_axis=first.has_metric_axis,
+        patch_type_names=list(stack.type_names),
+    )
+
+
+def _stack_named(name: str) -> Stack:
+    return next(s for s in STACKS if s.tl_function == name)
+
+
+# --- generated by scripts/generate_compat.py from patchspec.catalog; do not edit ---
+
+
+def get_act_patch_resid_pre(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the residual stream at the start of each block, by position: drop-in for ``transformer_lens.patching.get_act_patch_resid_pre``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos]
+    (result dims: layer, pos). The labelled equivalent is ``patchspec.catalog.RESID_PRE``:
+    ``PatchSpec('resid_pre', axes=('layer', 'pos'), name='resid_pre')``.
 
     Args:
         model: A TransformerLens model in eval mode.
@@ -239,89 +440,450 @@ def _docstring(entry: Entry) -> str:
             ``progress`` as in :func:`generic_activation_patch`.
 
     Returns:
-        Tensor of shape [{tl_shape}], or a ``PatchingResult`` as in TransformerLens.
+        Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
     """
+    return _patch_entry(
+        'get_act_patch_resid_pre', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
 
 
-def _spec_name(entry: Entry) -> str:
-    from patchspec import catalog
+def get_act_patch_resid_mid(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the residual stream between attention and MLP, by position: drop-in for ``transformer_lens.patching.get_act_patch_resid_mid``.
 
-    return next(k for k, v in catalog.SPECS.items() if v is entry.spec)
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos]
+    (result dims: layer, pos). The labelled equivalent is ``patchspec.catalog.RESID_MID``:
+    ``PatchSpec('resid_mid', axes=('layer', 'pos'), name='resid_mid')``.
 
-
-def _make(entry: Entry) -> Callable[..., Any]:
-    setter = _SETTERS[entry.tl_setter]
-
-    def patch(
-        model: Any,
-        corrupted_tokens: torch.Tensor,
-        clean_cache: Any,
-        patching_metric: Any,
-        **kwargs: Any,
-    ) -> Any:
-        if "index_df" not in kwargs:
-            kwargs.setdefault("index_axis_names", entry.tl_axes)
-        return generic_activation_patch(
-            model, corrupted_tokens, clean_cache, patching_metric, setter, entry.tl_activation, **kwargs
-        )
-
-    patch.__name__ = patch.__qualname__ = entry.tl_function
-    patch.__doc__ = _docstring(entry)
-    patch.__module__ = __name__
-    return patch
-
-
-def _stack_docstring(stack: Stack) -> str:
-    parts = ", ".join(f"``{name}``" for name in stack.entries)
-    return f"""Patch {stack.what}: drop-in for ``transformer_lens.patching.{stack.tl_function}``.
-
-    Runs {parts} and stacks them on a leading ``patch_type`` axis: a tensor of shape
-    [{", ".join(stack.tl_axes)}] (result dims: {", ".join(stack.tl_axes)}). As in TransformerLens,
-    key/value sweeps of grouped-query models are zero-padded to ``n_heads``: those zeros are
-    padding, not measurements. The labelled equivalent is a :class:`patchspec.Sweep` of the
-    same specs, which returns one variable per spec and never pads.
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
 
     Returns:
-        Tensor of shape [{", ".join(stack.tl_axes)}], or a ``PatchingResult`` with a
-        ``patch_type`` axis when ``reduce``/``baseline`` are given, as in TransformerLens.
+        Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
     """
+    return _patch_entry(
+        'get_act_patch_resid_mid', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
 
 
-def _make_stack(stack: Stack) -> Callable[..., Any]:
-    def patch(model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any) -> Any:
-        fns = [globals()[name] for name in stack.entries]
-        axis_names = [BY_NAME[name].tl_axes for name in stack.entries]
-        want_base = bool(kwargs.pop("baseline", False))
-        results = []
-        for i, (fn, axes) in enumerate(zip(fns, axis_names, strict=True)):
-            out = fn(model, corrupted_tokens, clean_cache, metric, baseline=want_base and i == 0, **kwargs)
-            if want_base and isinstance(out, torch.Tensor):
-                out = _tl._wrap_tensor_result(out, axes)
-            results.append(out)
-        if all(isinstance(r, torch.Tensor) for r in results):
-            if len(results) == 5:
-                n_heads = results[0].size(-1)
-                for i in (2, 3):  # GQA keys/values: zero-padded to n_heads, as TransformerLens does
-                    results[i] = torch.nn.functional.pad(results[i], (0, n_heads - results[i].size(-1)))
-                if results[4].ndim == 3:
-                    results[4] = einops.rearrange(results[4], "layer head pos -> layer pos head")
-            return torch.stack(results, dim=0)
-        type_names = _tl._BLOCK_TYPES if len(results) == 3 else _tl._HEAD_TYPES
-        return _tl._stack_patch_types(
-            results, axis_order=stack.tl_axes[1:], n_heads=model.cfg.n_heads if len(results) == 5 else 0, type_names=type_names
-        )
+def get_act_patch_attn_out(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the output of each attention layer, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_out``.
 
-    patch.__name__ = patch.__qualname__ = stack.tl_function
-    patch.__doc__ = _stack_docstring(stack)
-    patch.__module__ = __name__
-    return patch
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos]
+    (result dims: layer, pos). The labelled equivalent is ``patchspec.catalog.ATTN_OUT``:
+    ``PatchSpec('attn_out', axes=('layer', 'pos'), name='attn_out')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_out', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
 
 
-BY_NAME: dict[str, Entry] = {entry.tl_function: entry for entry in TABLE}
+def get_act_patch_mlp_out(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the output of each MLP layer, by position: drop-in for ``transformer_lens.patching.get_act_patch_mlp_out``.
 
-for _entry in TABLE:
-    globals()[_entry.tl_function] = _make(_entry)
-    __all__.append(_entry.tl_function)
-for _stack in STACKS:
-    globals()[_stack.tl_function] = _make_stack(_stack)
-    __all__.append(_stack.tl_function)
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos]
+    (result dims: layer, pos). The labelled equivalent is ``patchspec.catalog.MLP_OUT``:
+    ``PatchSpec('mlp_out', axes=('layer', 'pos'), name='mlp_out')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_mlp_out', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_out_by_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the output (z) of each attention head, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_out_by_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos, head]
+    (result dims: layer, pos, head). The labelled equivalent is ``patchspec.catalog.HEAD_OUT_BY_POS``:
+    ``PatchSpec('z', axes=('layer', 'pos', 'head'), name='head_out_by_pos')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_out_by_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_q_by_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the query of each attention head, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_q_by_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos, head]
+    (result dims: layer, pos, head). The labelled equivalent is ``patchspec.catalog.HEAD_Q_BY_POS``:
+    ``PatchSpec('q', axes=('layer', 'pos', 'head'), name='head_q_by_pos')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_q_by_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_k_by_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the key of each key/value head, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_k_by_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos, head]
+    (result dims: layer, pos, kv_head). The labelled equivalent is ``patchspec.catalog.HEAD_K_BY_POS``:
+    ``PatchSpec('k', axes=('layer', 'pos', 'kv_head'), name='head_k_by_pos')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_k_by_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_v_by_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the value of each key/value head, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_v_by_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, pos, head]
+    (result dims: layer, pos, kv_head). The labelled equivalent is ``patchspec.catalog.HEAD_V_BY_POS``:
+    ``PatchSpec('v', axes=('layer', 'pos', 'kv_head'), name='head_v_by_pos')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_v_by_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_pattern_by_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the attention pattern of each head, by destination position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_pattern_by_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head_index, dest_pos]
+    (result dims: layer, head, dest_pos). The labelled equivalent is ``patchspec.catalog.HEAD_PATTERN_BY_DEST``:
+    ``PatchSpec('pattern', axes=('layer', 'head', 'dest_pos'), name='head_pattern_by_dest')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head_index, dest_pos], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_pattern_by_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_pattern_dest_src_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch each (destination, source) entry of each head's attention pattern: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_pattern_dest_src_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head_index, dest_pos, src_pos]
+    (result dims: layer, head, dest_pos, src_pos). The labelled equivalent is ``patchspec.catalog.HEAD_PATTERN_DEST_SRC``:
+    ``PatchSpec('pattern', axes=('layer', 'head', 'dest_pos', 'src_pos'), name='head_pattern_dest_src')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head_index, dest_pos, src_pos], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_pattern_dest_src_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_out_all_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the output (z) of each attention head, at all positions: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head]
+    (result dims: layer, head). The labelled equivalent is ``patchspec.catalog.HEAD_OUT``:
+    ``PatchSpec('z', axes=('layer', 'head'), name='head_out')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_out_all_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_q_all_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the query of each attention head, at all positions: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_q_all_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head]
+    (result dims: layer, head). The labelled equivalent is ``patchspec.catalog.HEAD_Q``:
+    ``PatchSpec('q', axes=('layer', 'head'), name='head_q')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_q_all_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_k_all_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the key of each key/value head, at all positions: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_k_all_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head]
+    (result dims: layer, kv_head). The labelled equivalent is ``patchspec.catalog.HEAD_K``:
+    ``PatchSpec('k', axes=('layer', 'kv_head'), name='head_k')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_k_all_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_v_all_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the value of each key/value head, at all positions: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_v_all_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head]
+    (result dims: layer, kv_head). The labelled equivalent is ``patchspec.catalog.HEAD_V``:
+    ``PatchSpec('v', axes=('layer', 'kv_head'), name='head_v')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_v_all_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_pattern_all_pos(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, patching_metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the whole attention pattern of each head: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_pattern_all_pos``.
+
+    Same signature and output as TransformerLens: a tensor of shape [layer, head_index]
+    (result dims: layer, head). The labelled equivalent is ``patchspec.catalog.HEAD_PATTERN``:
+    ``PatchSpec('pattern', axes=('layer', 'head'), name='head_pattern')``.
+
+    Args:
+        model: A TransformerLens model in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Activations of the clean run.
+        patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
+        **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
+            ``progress`` as in :func:`generic_activation_patch`.
+
+    Returns:
+        Tensor of shape [layer, head_index], or a ``PatchingResult`` as in TransformerLens.
+    """
+    return _patch_entry(
+        'get_act_patch_attn_head_pattern_all_pos', model, corrupted_tokens, clean_cache, patching_metric, **kwargs
+    )
+
+
+def get_act_patch_block_every(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
+) -> Any:
+    """Patch the residual stream, attention output and MLP output of every block, by position: drop-in for ``transformer_lens.patching.get_act_patch_block_every``.
+
+    Runs ``get_act_patch_resid_pre``, ``get_act_patch_attn_out``, ``get_act_patch_mlp_out`` and stacks them on a leading ``patch_type`` axis: a tensor of shape
+    [patch_type, layer, pos] (result dims: patch_type, layer, pos). As in TransformerLens, key/value sweeps of grouped-query
+    models are zero-padded to ``n_heads``: those zeros are padding, not measurements. The
+    labelled equivalent is a :class:`patchspec.Sweep` of the same specs, which returns one
+    variable per spec and never pads.
+
+    Returns:
+        Tensor of shape [patch_type, layer, pos], or a ``PatchingResult`` with a ``patch_type`` axis when
+        ``reduce``/``baseline`` are given, as in TransformerLens.
+    """
+    return _stack(
+        _stack_named('get_act_patch_block_every'), model, corrupted_tokens, clean_cache, metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_all_pos_every(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
+) -> Any:
+    """Patch every head's output, query, key, value and pattern, at all positions: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_all_pos_every``.
+
+    Runs ``get_act_patch_attn_head_out_all_pos``, ``get_act_patch_attn_head_q_all_pos``, ``get_act_patch_attn_head_k_all_pos``, ``get_act_patch_attn_head_v_all_pos``, ``get_act_patch_attn_head_pattern_all_pos`` and stacks them on a leading ``patch_type`` axis: a tensor of shape
+    [patch_type, layer, head] (result dims: patch_type, layer, head). As in TransformerLens, key/value sweeps of grouped-query
+    models are zero-padded to ``n_heads``: those zeros are padding, not measurements. The
+    labelled equivalent is a :class:`patchspec.Sweep` of the same specs, which returns one
+    variable per spec and never pads.
+
+    Returns:
+        Tensor of shape [patch_type, layer, head], or a ``PatchingResult`` with a ``patch_type`` axis when
+        ``reduce``/``baseline`` are given, as in TransformerLens.
+    """
+    return _stack(
+        _stack_named('get_act_patch_attn_head_all_pos_every'), model, corrupted_tokens, clean_cache, metric, **kwargs
+    )
+
+
+def get_act_patch_attn_head_by_pos_every(
+    model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
+) -> Any:
+    """Patch every head's output, query, key, value and pattern, by position: drop-in for ``transformer_lens.patching.get_act_patch_attn_head_by_pos_every``.
+
+    Runs ``get_act_patch_attn_head_out_by_pos``, ``get_act_patch_attn_head_q_by_pos``, ``get_act_patch_attn_head_k_by_pos``, ``get_act_patch_attn_head_v_by_pos``, ``get_act_patch_attn_head_pattern_by_pos`` and stacks them on a leading ``patch_type`` axis: a tensor of shape
+    [patch_type, layer, pos, head] (result dims: patch_type, layer, pos, head). As in TransformerLens, key/value sweeps of grouped-query
+    models are zero-padded to ``n_heads``: those zeros are padding, not measurements. The
+    labelled equivalent is a :class:`patchspec.Sweep` of the same specs, which returns one
+    variable per spec and never pads.
+
+    Returns:
+        Tensor of shape [patch_type, layer, pos, head], or a ``PatchingResult`` with a ``patch_type`` axis when
+        ``reduce``/``baseline`` are given, as in TransformerLens.
+    """
+    return _stack(
+        _stack_named('get_act_patch_attn_head_by_pos_every'), model, corrupted_tokens, clean_cache, metric, **kwargs
+    )
+
+
+__all__ = [
+    'PatchingResult',
+    'generic_activation_patch',
+    'get_act_patch_attn_head_all_pos_every',
+    'get_act_patch_attn_head_by_pos_every',
+    'get_act_patch_attn_head_k_all_pos',
+    'get_act_patch_attn_head_k_by_pos',
+    'get_act_patch_attn_head_out_all_pos',
+    'get_act_patch_attn_head_out_by_pos',
+    'get_act_patch_attn_head_pattern_all_pos',
+    'get_act_patch_attn_head_pattern_by_pos',
+    'get_act_patch_attn_head_pattern_dest_src_pos',
+    'get_act_patch_attn_head_q_all_pos',
+    'get_act_patch_attn_head_q_by_pos',
+    'get_act_patch_attn_head_v_all_pos',
+    'get_act_patch_attn_head_v_by_pos',
+    'get_act_patch_attn_out',
+    'get_act_patch_block_every',
+    'get_act_patch_mlp_out',
+    'get_act_patch_resid_mid',
+    'get_act_patch_resid_pre',
+    'layer_head_dest_src_pos_pattern_patch_setter',
+    'layer_head_pattern_patch_setter',
+    'layer_head_pos_pattern_patch_setter',
+    'layer_head_vector_patch_setter',
+    'layer_pos_head_vector_patch_setter',
+    'layer_pos_patch_setter',
+    'make_df_from_ranges',
+]
+# --- end of generated code ---

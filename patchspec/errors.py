@@ -30,6 +30,13 @@ class MetricError(PatchSpecError):
     """A metric returned the wrong shape or a non-finite value."""
 
 
+class OptionError(PatchSpecError, TypeError):
+    """An unknown or invalid run option (``engine=``, ``max_memory=``, a misspelt keyword).
+
+    It is also a ``TypeError``, as Python raises for an unexpected keyword argument.
+    """
+
+
 def did_you_mean(bad: str, valid: Iterable[str]) -> str:
     """Return ``"; did you mean 'x'?"`` for the closest valid name, or ``""``."""
     close = difflib.get_close_matches(bad, list(valid), n=1, cutoff=0.5)

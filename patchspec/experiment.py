@@ -43,8 +43,7 @@ import attrs
 
 from patchspec import catalog, metrics
 from patchspec.errors import PatchSpecError, did_you_mean
-from patchspec.spec import AnySpec, PatchSpec, spec_from_dict
-from patchspec.sweep import Sweep
+from patchspec.spec import AnySpec, PatchSpec, Sweep, spec_from_dict
 
 METRICS: dict[str, Callable[..., metrics.Metric]] = {
     "logit_diff": metrics.logit_diff,

@@ -1,7 +1,11 @@
-"""Activation layouts: for each patchable activation, its hook name and its named dims.
+"""Activation layouts: for each patchable activation, one row of data saying where it lives.
 
-A layout is pure data (no torch, no TransformerLens at import time), so specs can be validated
-without a model. Hook names come from TransformerLens's own ``get_act_name`` helper.
+A layout names the activation's hook (by TransformerLens's ``get_act_name`` or a template of
+its own), its named dims, which of them index token positions, how a patch is written into the
+model (its *writer*) and the ``set_use_*`` flag, if any, that must be on for its hook to run.
+Layouts are pure data (no torch, no TransformerLens at import time), so specs are validated
+without a model. :func:`register_layout` adds a row, e.g. for an architecture whose hooks
+differ; the model adapter (:mod:`patchspec.model.adapter`) is the only reader of the rest.
 
 Dims are named once for the whole package: ``batch pos head kv_head dest_pos src_pos neuron
 d_model d_head``. Keys and values of a grouped-query model have ``kv_head`` heads (one per
@@ -23,8 +27,12 @@ from patchspec.errors import SpecError, did_you_mean
 #: residual stream itself is patched by rewriting the attention output of the same block.
 Writer = Literal["direct", "resid_mid"]
 
+#: Dims that index token positions; their restrictions may name positions (``pos="S2"``).
+POSITION_DIMS: tuple[str, ...] = ("pos", "dest_pos", "src_pos")
+
 #: Where the size of each dim comes from (model config or inputs).
 DIM_SIZES: Mapping[str, str] = {
+    "layer": "model.cfg.n_layers",
     "batch": "number of prompts",
     "pos": "sequence length",
     "dest_pos": "sequence length",
@@ -46,12 +54,29 @@ class Layout:
         dims: Named dims of the activation tensor, batch first.
         description: What the activation is, for docs and errors.
         writer: How a patch of this activation is written into the model.
+        hook: A hook-name template with ``{layer}`` (default: ``get_act_name(name, layer)``).
+        gate: The ``model.cfg`` flag that must be on for the hook to run (``"use_attn_result"``),
+            set with the ``model.set_<gate>(True)`` call named in errors.
+
+    Example:
+        >>> Layout("my_act", ("batch", "pos", "d_model"), "mine", hook="blocks.{layer}.hook_mine").hook_name(2)
+        'blocks.2.hook_mine'
     """
 
     name: str
     dims: tuple[str, ...]
     description: str
     writer: Writer = "direct"
+    hook: str | None = None
+    gate: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.dims or self.dims[0] != "batch":
+            raise SpecError(f"layout {self.name!r}: dims must start with 'batch', got {self.dims!r}")
+        if len(set(self.dims)) != len(self.dims):
+            raise SpecError(f"layout {self.name!r}: dims {self.dims!r} repeat a name")
+        if self.hook is not None and "{layer}" not in self.hook:
+            raise SpecError(f"layout {self.name!r}: hook template {self.hook!r} needs '{{layer}}'")
 
     def hook_name(self, layer: int) -> str:
         """The hook point that holds this activation at ``layer``.
@@ -60,6 +85,8 @@ class Layout:
             >>> LAYOUTS["z"].hook_name(3)
             'blocks.3.attn.hook_z'
         """
+        if self.hook is not None:
+            return self.hook.format(layer=layer)
         from transformer_lens.utilities import get_act_name
 
         return str(get_act_name(self.name, layer))
@@ -69,6 +96,11 @@ class Layout:
         """Dims a spec may sweep or restrict: ``layer`` and every dim but ``batch``."""
         return ("layer", *(d for d in self.dims if d != "batch"))
 
+    @property
+    def position_dims(self) -> tuple[int, ...]:
+        """Axes of the activation tensor that index token positions (``(1,)`` for ``z``)."""
+        return tuple(i for i, d in enumerate(self.dims) if d in POSITION_DIMS)
+
 
 _RESID = ("batch", "pos", "d_model")
 _HEAD_VECTOR = ("batch", "pos", "head", "d_head")
@@ -76,30 +108,59 @@ _KV_VECTOR = ("batch", "pos", "kv_head", "d_head")
 _ATTN = ("batch", "head", "dest_pos", "src_pos")
 _MLP = ("batch", "pos", "neuron")
 
-LAYOUTS: Mapping[str, Layout] = {
-    layout.name: layout
-    for layout in (
-        Layout("resid_pre", _RESID, "residual stream entering the block"),
-        Layout(
-            "resid_mid",
-            _RESID,
-            "residual stream between attention and MLP (patched as the residual itself)",
-            writer="resid_mid",
-        ),
-        Layout("resid_post", _RESID, "residual stream leaving the block"),
-        Layout("attn_out", _RESID, "output of the attention layer"),
-        Layout("mlp_out", _RESID, "output of the MLP layer"),
-        Layout("q", _HEAD_VECTOR, "attention queries"),
-        Layout("k", _KV_VECTOR, "attention keys"),
-        Layout("v", _KV_VECTOR, "attention values"),
-        Layout("z", _HEAD_VECTOR, "attention head outputs before W_O (head outputs)"),
-        Layout("result", ("batch", "pos", "head", "d_model"), "each head's output after W_O (gated: model.set_use_attn_result(True))"),
-        Layout("pattern", _ATTN, "attention pattern (softmaxed)"),
-        Layout("attn_scores", _ATTN, "attention scores (pre-softmax)"),
-        Layout("pre", _MLP, "MLP pre-activations"),
-        Layout("post", _MLP, "MLP post-activations"),
-    )
-}
+_STANDARD = (
+    Layout("resid_pre", _RESID, "residual stream entering the block"),
+    Layout(
+        "resid_mid",
+        _RESID,
+        "residual stream between attention and MLP (patched as the residual itself)",
+        writer="resid_mid",
+    ),
+    Layout("resid_post", _RESID, "residual stream leaving the block"),
+    Layout("attn_out", _RESID, "output of the attention layer"),
+    Layout("mlp_out", _RESID, "output of the MLP layer"),
+    Layout("q", _HEAD_VECTOR, "attention queries"),
+    Layout("k", _KV_VECTOR, "attention keys"),
+    Layout("v", _KV_VECTOR, "attention values"),
+    Layout("z", _HEAD_VECTOR, "attention head outputs before W_O (head outputs)"),
+    Layout(
+        "result",
+        ("batch", "pos", "head", "d_model"),
+        "each head's output after W_O (gated: model.set_use_attn_result(True))",
+        gate="use_attn_result",
+    ),
+    Layout("pattern", _ATTN, "attention pattern (softmaxed)"),
+    Layout("attn_scores", _ATTN, "attention scores (pre-softmax)"),
+    Layout("pre", _MLP, "MLP pre-activations"),
+    Layout("post", _MLP, "MLP post-activations"),
+)
+
+#: Every known activation by name: the standard rows, plus any added by :func:`register_layout`.
+LAYOUTS: dict[str, Layout] = {row.name: row for row in _STANDARD}
+
+
+def register_layout(row: Layout, *, replace: bool = False) -> Layout:
+    """Make ``row`` patchable by name (``PatchSpec(row.name, ...)``).
+
+    Args:
+        row: The new layout.
+        replace: Allow replacing an existing row of the same name.
+
+    Raises:
+        SpecError: a row of that name exists and ``replace`` is false.
+
+    Example:
+        >>> register_layout(Layout("embed_out", ("batch", "pos", "d_model"), "block input",
+        ...                        hook="blocks.{layer}.hook_resid_pre")).name
+        'embed_out'
+        >>> del LAYOUTS["embed_out"]
+    """
+    if not isinstance(row, Layout):
+        raise SpecError(f"register_layout takes a Layout, got {type(row).__name__}")
+    if row.name in LAYOUTS and not replace and LAYOUTS[row.name] != row:
+        raise SpecError(f"activation {row.name!r} already has a layout; pass replace=True")
+    LAYOUTS[row.name] = row
+    return row
 
 
 def layout(activation: str) -> Layout:
@@ -110,8 +171,8 @@ def layout(activation: str) -> Layout:
     """
     try:
         return LAYOUTS[activation]
-    except KeyError:
+    except (KeyError, TypeError):
         raise SpecError(
             f"unknown activation {activation!r}; valid activations are "
-            f"{', '.join(LAYOUTS)}{did_you_mean(activation, LAYOUTS)}"
+            f"{', '.join(LAYOUTS)}{did_you_mean(str(activation), LAYOUTS)}"
         ) from None

@@ -16,6 +16,7 @@ the logits hold) and :func:`tile` (per-prompt data repeated for every stacked co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -336,40 +337,37 @@ def kl_to_clean(*, pos: PosLike = -1, reduce: Reduce = "mean") -> Metric:
     return Metric("kl_to_clean", fn, _positions(pos), reduce, rowwise=True)
 
 
-def _check_value(value: torch.Tensor, batch: int, name: str, where: str) -> torch.Tensor:
-    """A finite scalar or a finite ``[batch]`` vector, as float, else :class:`MetricError`."""
+def _check_value(
+    value: torch.Tensor, batch: int, name: str, where: str | Callable[[], str]
+) -> torch.Tensor:
+    """A finite scalar or a finite ``[batch]`` vector, as float, else :class:`MetricError`.
+
+    ``where`` (or its result, when it is a callable) names the cell in the error.
+    """
+
+    def place() -> str:
+        return where if isinstance(where, str) else where()
+
     if value.ndim > 1 or (value.ndim == 1 and value.shape[0] != batch):
         raise MetricError(
-            f"metric {name!r} returned shape {tuple(value.shape)} at {where}; it must return "
+            f"metric {name!r} returned shape {tuple(value.shape)} at {place()}; it must return "
             f"a scalar or one value per prompt (shape ({batch},))"
         )
     if not bool(torch.isfinite(value).all()):
         raise MetricError(
-            f"metric {name!r} returned a non-finite value {value.tolist()} at {where}"
+            f"metric {name!r} returned a non-finite value {value.tolist()} at {place()}"
         )
     return value.detach().float()
 
 
-def checked(
-    bound: Callable[[torch.Tensor], torch.Tensor], batch: int, name: str
-) -> Callable[[torch.Tensor, str], torch.Tensor]:
-    """``bound`` with its output checked: a finite scalar or a finite ``[batch]`` vector.
-
-    The wrapped function takes a description of the cell for error messages.
-    """
-
-    def evaluate(logits: torch.Tensor, where: str) -> torch.Tensor:
-        return _check_value(torch.as_tensor(bound(logits)), batch, name, where)
-
-    return evaluate
-
-
 class Evaluator:
-    """Evaluates one or more metrics on patched logits: the ``evaluate`` an executor calls.
+    """Evaluates one or more metrics on patched logits: what every estimator calls.
 
-    It implements the executor contract documented in :mod:`patchspec.engine`: call it with one
-    cell's full logits, or hand a whole block of cells to :meth:`many`; ``positions`` are the
-    positions every metric reads (``None`` when some metric reads all of them).
+    Call it with one cell's full logits ``[batch, pos, vocab]``, or hand a whole block of
+    ``len(cells)`` cells stacked copy-major (``[len(cells) * batch, pos, vocab]``) to
+    :meth:`many`. ``positions`` are the positions every metric reads (``None`` when some metric
+    reads all of them): an estimator may compute the final norm and the unembedding only at
+    :meth:`logit_positions` and pass :meth:`many` logits whose ``pos`` dim holds exactly those.
 
     Args:
         metrics: The metrics, evaluated on the same logits.
@@ -410,6 +408,18 @@ class Evaluator:
     def names(self) -> tuple[str, ...]:
         """The metrics' names (the coordinates of the ``metric`` dim)."""
         return tuple(m.name for m in self.metrics)
+
+    def logit_positions(self, seq: int) -> tuple[int, ...] | None:
+        """The sorted, non-negative positions the metrics read, or ``None`` for all.
+
+        Example:
+            >>> ev = Evaluator([logit_diff(3, 5)], MetricContext(None, None, None, torch.zeros(1, 6)))
+            >>> ev.logit_positions(6)
+            (5,)
+        """
+        if self.positions is None:
+            return None
+        return tuple(sorted({int(p) % seq for p in self.positions}))
 
     def _context(self, positions: tuple[int, ...] | None) -> MetricContext:
         if positions not in self._contexts:
@@ -486,7 +496,10 @@ class Evaluator:
                 value = torch.stack(
                     [
                         _check_value(
-                            torch.as_tensor(bound(part)), batch, metric.name, self.describe(cell)
+                            torch.as_tensor(bound(part)),
+                            batch,
+                            metric.name,
+                            functools.partial(self.describe, cell),
                         )
                         for part, cell in zip(parts, cells, strict=True)
                     ]

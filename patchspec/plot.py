@@ -50,7 +50,7 @@ def _as_array(result: xr.DataArray | xr.Dataset) -> xr.DataArray:
     return array.assign_attrs(result.attrs)
 
 
-def layout(
+def placement(
     data: xr.DataArray,
     *,
     x: str | None = None,
@@ -72,7 +72,7 @@ def layout(
 
     Example:
         >>> a = xr.DataArray(np.zeros((2, 3, 4)), dims=("layer", "pos", "head"))
-        >>> layout(a)
+        >>> placement(a)
         {'x': 'pos', 'y': 'layer', 'col': 'head', 'row': None}
     """
     dims = [str(d) for d in data.dims]
@@ -208,7 +208,7 @@ def plot(
     from matplotlib.figure import Figure
 
     data, note = _prepare(result, reduce)
-    place = layout(data, x=x, y=y, col=col, row=row)
+    place = placement(data, x=x, y=y, col=col, row=row)
     x_dim, y_dim, col_dim, row_dim = place["x"], place["y"], place["col"], place["row"]
     if x_dim is None:
         raise InputError(f"result {data.name!r} has no dims to draw; it is a single value")
@@ -309,7 +309,7 @@ def plot_interactive(
             "plot(...) for a matplotlib figure"
         ) from None
     data, note = _prepare(result, reduce)
-    place = layout(data, x=x, y=y, col=col)
+    place = placement(data, x=x, y=y, col=col)
     x_dim, y_dim, col_dim = place["x"], place["y"], place["col"]
     if x_dim is None or place["row"] is not None:
         raise InputError(

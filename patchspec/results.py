@@ -7,11 +7,9 @@ position coordinates are integers; every position dim gets the token strings bes
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import re
-import weakref
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -20,9 +18,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from patchspec.plan import Plan
+from patchspec.layouts import POSITION_DIMS
+from patchspec.plan.grid import Grid
 
-POSITION_DIMS = ("pos", "dest_pos", "src_pos")
 #: Baselines stored in attrs, and for per-prompt metrics also as coordinates along ``example``.
 BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
 
@@ -78,7 +76,7 @@ def named_token_labels(
 
 
 def to_dataarray(
-    plan: Plan,
+    plan: Grid,
     values: torch.Tensor,
     *,
     name: str,
@@ -87,7 +85,7 @@ def to_dataarray(
     prompts: Mapping[str, Sequence[str]] | None = None,
     metrics: Sequence[str] | None = None,
 ) -> xr.DataArray:
-    """Lay the per-cell ``values`` (``[cells]`` or ``[cells, example]``) out over the plan's dims.
+    """Lay the per-cell ``values`` (``[cells]`` or ``[cells, example]``) out over the grid's dims.
 
     With an ``example`` dim, per-example baselines in ``attrs`` (``clean_baseline``,
     ``corrupted_baseline``) are also laid along it as coordinates, so they follow ``sel`` and
@@ -130,26 +128,21 @@ def to_dataarray(
     return xr.DataArray(data, dims=(*plan.dims, *extra), coords=coords, name=name, attrs=dict(attrs))
 
 
-def provenance(model: Any, *tokens: torch.Tensor | None) -> dict[str, str]:
-    """Model name, hashes of its weights and of the ``tokens``, and library versions.
+def provenance(adapter: Any, *tokens: torch.Tensor | None, full_hash: bool = False) -> dict[str, str]:
+    """Model name and fingerprint (and full weights hash if asked), hashes of the ``tokens``,
+    and library versions.
 
-    The weights hash is computed once per model object (and again only after a parameter is
-    replaced or modified in place); see :func:`weights_hash`.
+    Args:
+        adapter: The :class:`~patchspec.model.ModelAdapter`.
+        *tokens: Token tensors to hash (``None`` counts as absent).
+        full_hash: Also record a SHA-256 of every weight (see :func:`weights_hash`).
     """
-    out = {
-        "model": str(getattr(model.cfg, "model_name", None) or type(model).__name__),
-        "model_weights_sha256": weights_hash(model),
-    }
+    out = dict(adapter.fingerprint(full=full_hash))
     if tokens:
         out["tokens_sha256"] = tokens_hash(*tokens)
     out["patchspec_version"] = package_version("patchspec")
     out["transformer_lens_version"] = package_version("transformer-lens")
     return out
-
-
-_WEIGHTS_HASHES: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], str]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _hash_tensor(hasher: Any, tensor: torch.Tensor) -> None:
@@ -159,33 +152,21 @@ def _hash_tensor(hasher: Any, tensor: torch.Tensor) -> None:
 
 
 def weights_hash(model: Any) -> str:
-    """SHA-256 of a model's parameters (names, shapes, dtypes and bytes), cached per model.
+    """SHA-256 of a model's parameters (names, shapes, dtypes and bytes).
 
-    The cache is keyed by the model object and each parameter's identity and in-place version
-    counter, so a second sweep on the same model costs nothing and changed weights are hashed
-    again.
+    Reads every byte; :meth:`patchspec.model.ModelAdapter.weights_hash` keeps the value until
+    a parameter changes.
 
     Example:
         >>> m = torch.nn.Linear(2, 2)
         >>> weights_hash(m) == weights_hash(m), len(weights_hash(m))
         (True, 64)
     """
-    params = list(model.named_parameters())
-    key = tuple((name, id(p), p.data_ptr(), p._version) for name, p in params)
-    try:
-        cached = _WEIGHTS_HASHES.get(model)
-    except TypeError:  # not weak-referenceable: hash every time
-        cached = None
-    if cached is not None and cached[0] == key:
-        return cached[1]
     hasher = hashlib.sha256()
-    for name, p in params:
+    for name, p in model.named_parameters():
         hasher.update(name.encode())
         _hash_tensor(hasher, p)
-    digest = hasher.hexdigest()
-    with contextlib.suppress(TypeError):
-        _WEIGHTS_HASHES[model] = (key, digest)
-    return digest
+    return hasher.hexdigest()
 
 
 def tokens_hash(*tokens: torch.Tensor | None) -> str:

@@ -42,20 +42,28 @@ if TYPE_CHECKING:
 Receiver = Literal["clean", "corrupted"]
 RECEIVERS: tuple[Receiver, ...] = ("clean", "corrupted")
 
-#: Activations whose dim 1 is not ``pos`` (attention patterns are ``batch head dest_pos src_pos``).
-_POS_AXIS = {"hook_pattern": 2, "hook_attn_scores": 2}
-
-
 class Runs(Protocol):
-    """What a source may read (implemented by :class:`patchspec.runs.Runs`)."""
+    """What a source may read (implemented by :class:`patchspec.model.session.Session`)."""
 
-    def activation(self, which: Receiver, hook_name: str) -> torch.Tensor: ...
+    def activation(self, which: Receiver, hook_name: str) -> torch.Tensor:
+        """The unpatched activation of one run at ``hook_name``."""
+        ...
 
-    def reference(self, name: str, hook_name: str) -> torch.Tensor: ...
+    def reference(self, name: str, hook_name: str) -> torch.Tensor:
+        """The activation at ``hook_name`` of a reference dataset."""
+        ...
 
-    def real_mask(self, which: Receiver) -> torch.Tensor | None: ...
+    def real_mask(self, which: Receiver) -> torch.Tensor | None:
+        """``[batch, pos]``: True at real tokens, False at padding (``None``: no padding)."""
+        ...
 
-    def memo(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+    def position_axes(self, hook_name: str) -> tuple[int, ...]:
+        """Axes of the activation at ``hook_name`` that index token positions."""
+        ...
+
+    def memo(self, key: Any, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, computed once per sweep for each hashable ``key``."""
+        ...
 
 
 @attrs.frozen
@@ -181,8 +189,18 @@ def _receiving(source: Any, hook_name: str, runs: Runs) -> torch.Tensor:
 
 
 def pos_axis(hook_name: str) -> int:
-    """The axis of an activation at ``hook_name`` that indexes (destination) positions."""
-    return _POS_AXIS.get(hook_name.rsplit(".", 1)[-1], 1)
+    """The first axis of the activation at ``hook_name`` that indexes positions.
+
+    Read from the activation's layout (see :attr:`patchspec.layouts.Layout.position_dims`).
+
+    Example:
+        >>> pos_axis("blocks.0.attn.hook_pattern")
+        2
+    """
+    from patchspec.model.adapter import layout_of
+
+    row = layout_of(hook_name)
+    return row.position_dims[0] if row is not None and row.position_dims else 1
 
 
 # --- ablations -------------------------------------------------------------------------------
@@ -247,7 +265,7 @@ class Mean(Source):
             mask = runs.real_mask(self.receiver)
             if mask is None:
                 return act.mean(0, keepdim=True)
-            axis = pos_axis(hook_name)
+            axis = runs.position_axes(hook_name)[0]
             shape = [mask.shape[0]] + [1] * (act.ndim - 1)
             shape[axis] = mask.shape[1]
             weight = mask.to(act.dtype).view(shape)

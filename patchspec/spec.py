@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
 from patchspec.errors import SpecError, did_you_mean
-from patchspec.layouts import Layout, layout
+from patchspec.layouts import POSITION_DIMS, Layout, layout
+from patchspec.options import checked_keywords
 from patchspec.sources import Clean, Receiver, Source, source_from_dict
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from patchspec.execute.protocols import Estimator, Executor
+    from patchspec.plan.positions import PositionTable
 
 #: The axis that sweeps value sources (``restrictions={"source": (Corrupted(), Zero())}``).
 SOURCE_AXIS = "source"
-#: Dims that index token positions; their restrictions may name positions (``pos="S2"``).
-POSITION_DIMS = ("pos", "dest_pos", "src_pos")
+#: Prompts: a string, a list of strings, or an integer tensor ``[batch, pos]``.
+Prompts: TypeAlias = Any
+#: A metric, or a list or mapping of metrics (see :func:`patchspec.metrics.as_metrics`).
+MetricArg: TypeAlias = Any
 
 
 @attrs.frozen
@@ -96,17 +105,56 @@ class _Combinable:
         raise NotImplementedError
 
     def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
+        if not isinstance(other, PatchSpec | JointSpec):
+            return NotImplemented
         return JointSpec(parts=self.parts + other.parts)
 
-    def run(self, model: Any, clean: Any, corrupted: Any, metric: Any, **options: Any) -> Any:
+    @checked_keywords
+    def run(
+        self,
+        model: Any,
+        clean: Prompts,
+        corrupted: Prompts,
+        metric: MetricArg,
+        *,
+        engine: str | Estimator | None = None,
+        progress: bool | None = None,
+        positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
+        reference: Prompts | Mapping[str, Prompts] | None = None,
+        executor: str | Executor | None = None,
+        cells_per_batch: int | None = None,
+        max_memory: str | int | float | None = None,
+        start_at_layer: bool = True,
+        hash_weights: bool = False,
+    ) -> xr.DataArray:
         """Sweep this spec and return a labelled ``xarray.DataArray``.
 
         See :meth:`patchspec.Sweep.run` for the arguments; this is ``Sweep(self).run(...)``
         for one spec, returning its DataArray instead of a Dataset.
         """
-        from patchspec.sweep import run
+        from patchspec import runner
+        from patchspec.options import RunOptions
 
-        return run(self, model, clean, corrupted, metric, **options)  # type: ignore[arg-type]
+        options = RunOptions(
+            engine=engine,
+            executor=executor,
+            progress=progress,
+            cells_per_batch=cells_per_batch,
+            max_memory=max_memory,
+            start_at_layer=start_at_layer,
+            hash_weights=hash_weights,
+        )
+        (array,) = runner.run_specs(
+            (self,),  # type: ignore[arg-type]
+            model,
+            clean,
+            corrupted,
+            metric,
+            options=options,
+            positions=positions,
+            reference=reference,
+        )
+        return array
 
 
 @attrs.frozen(repr=False)
@@ -498,3 +546,181 @@ def as_specs(specs: Sequence[Any]) -> tuple[AnySpec, ...]:
         if not isinstance(item, PatchSpec | JointSpec):
             raise SpecError(f"expected a PatchSpec or JointSpec, got {type(item).__name__}: {item!r}")
     return tuple(specs)
+
+
+def _sweep_specs(value: Sequence[Any]) -> tuple[AnySpec, ...]:
+    specs = as_specs(list(value))
+    if not specs:
+        raise SpecError("a Sweep needs at least one spec")
+    names = [s.label for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(f"specs in a Sweep need distinct names; {dupes} repeat (use .named())")
+    return specs
+
+
+@attrs.frozen(init=False, repr=False)
+class Sweep:
+    """Several specs run on the same prompts; the result is one labelled Dataset.
+
+    A frozen value like :class:`PatchSpec`: hashable, comparable and serialisable.
+
+    Args:
+        *specs: :class:`~patchspec.PatchSpec` or :class:`~patchspec.JointSpec` values.
+        name: Optional name, kept in the result's attrs.
+
+    Raises:
+        SpecError: no spec, a non-spec, or two specs of the same name.
+
+    Example:
+        >>> RESID_PRE = PatchSpec("resid_pre", axes=("layer", "pos"), name="resid_pre")
+        >>> ATTN_OUT = PatchSpec("attn_out", axes=("layer", "pos"), name="attn_out")
+        >>> Sweep(RESID_PRE, ATTN_OUT).names
+        ('resid_pre', 'attn_out')
+    """
+
+    specs: tuple[AnySpec, ...] = attrs.field(converter=_sweep_specs)
+    name: str | None = None
+
+    def __init__(self, *specs: AnySpec, name: str | None = None) -> None:
+        self.__attrs_init__(specs, name)  # type: ignore[attr-defined]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The data variable name of each spec's result."""
+        return tuple(s.label for s in self.specs)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(s) for s in self.specs)
+        return f"Sweep({inner}{'' if self.name is None else f', name={self.name!r}'})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the specs (see :meth:`PatchSpec.to_dict`)."""
+        out: dict[str, Any] = {"sweep": [spec.to_dict() for spec in self.specs]}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Sweep:
+        """Rebuild a sweep from :meth:`to_dict` output."""
+        if "sweep" not in data:
+            raise SpecError(f"a sweep dict needs a 'sweep' list of specs, got keys {sorted(data)}")
+        return cls(*(spec_from_dict(d) for d in data["sweep"]), name=data.get("name"))
+
+    @checked_keywords
+    def run(
+        self,
+        model: Any,
+        clean: Prompts,
+        corrupted: Prompts,
+        metric: MetricArg,
+        *,
+        engine: str | Estimator | None = None,
+        progress: bool | None = None,
+        positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
+        reference: Prompts | Mapping[str, Prompts] | None = None,
+        executor: str | Executor | None = None,
+        cells_per_batch: int | None = None,
+        max_memory: str | int | float | None = None,
+        start_at_layer: bool = True,
+        hash_weights: bool = False,
+    ) -> xr.Dataset:
+        """Run every spec and return one Dataset with a data variable per spec.
+
+        Args:
+            model: A TransformerLens model (``TransformerBridge``) in eval mode, or a
+                :class:`~patchspec.model.ModelAdapter` around one.
+            clean: Clean prompts (strings) or tokens ``[batch, pos]``.
+            corrupted: Corrupted prompts or tokens of the same shape.
+            metric: A :class:`~patchspec.metrics.Metric` or a callable ``logits -> scalar |
+                [batch]``; a per-prompt metric adds an ``example`` dim. A list or a mapping
+                ``{name: metric}`` evaluates several metrics on the same forward passes and adds
+                a ``metric`` dim (coordinates: the names).
+            engine: The estimator: ``"batched"`` (default) or ``"reference"`` (one forward per
+                cell), a registered name, or an :class:`~patchspec.execute.Estimator`.
+            progress: Show a progress bar (default: for sweeps of 64 cells or more).
+            positions: Named token positions, one index per prompt: ``{"S2": [3, 4], "END":
+                -1}`` or a DataFrame with a column per name (a pair ``(clean, corrupted)`` when
+                they differ between the runs). Position restrictions may then use the names,
+                and a swept position axis without a restriction sweeps them. See
+                :func:`patchspec.plan.resolve_positions`.
+            reference: Prompts or tokens of a reference dataset for ``Mean(over="reference")``,
+                or ``{name: prompts}`` for ``Mean(over=name)``.
+            executor: Where chunks of cells run: ``"local"`` (default) or an
+                :class:`~patchspec.execute.Executor`.
+            cells_per_batch: Cells per forward pass of the batched engine (default: from the
+                memory budget).
+            max_memory: Memory budget of one batched pass (bytes, or ``"2GB"``).
+            start_at_layer: Start each batched pass at its cells' first patched block.
+            hash_weights: Record a full SHA-256 of the weights (default: a cheap fingerprint).
+
+        Returns:
+            A Dataset whose variables are named after the specs; each has the spec's axes as
+            dims, and its baselines and provenance in its attrs.
+
+        Raises:
+            PatchSpecError: bad spec, option, inputs, metric or model state (before any
+                patched pass).
+        """
+        from patchspec import runner
+        from patchspec.options import RunOptions
+
+        options = RunOptions(
+            engine=engine,
+            executor=executor,
+            progress=progress,
+            cells_per_batch=cells_per_batch,
+            max_memory=max_memory,
+            start_at_layer=start_at_layer,
+            hash_weights=hash_weights,
+        )
+        arrays = runner.run_specs(
+            self.specs,
+            model,
+            clean,
+            corrupted,
+            metric,
+            options=options,
+            positions=positions,
+            reference=reference,
+        )
+        return runner.to_dataset(self, arrays)
+
+
+@checked_keywords
+def run(
+    spec: AnySpec,
+    model: Any,
+    clean: Prompts,
+    corrupted: Prompts,
+    metric: MetricArg,
+    *,
+    engine: str | Estimator | None = None,
+    progress: bool | None = None,
+    positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
+    reference: Prompts | Mapping[str, Prompts] | None = None,
+    executor: str | Executor | None = None,
+    cells_per_batch: int | None = None,
+    max_memory: str | int | float | None = None,
+    start_at_layer: bool = True,
+    hash_weights: bool = False,
+) -> xr.DataArray:
+    """Sweep one spec and return a labelled DataArray: ``spec.run(...)`` (see
+    :meth:`Sweep.run` for the arguments)."""
+    (checked,) = as_specs([spec])
+    return checked.run(
+        model,
+        clean,
+        corrupted,
+        metric,
+        engine=engine,
+        progress=progress,
+        positions=positions,
+        reference=reference,
+        executor=executor,
+        cells_per_batch=cells_per_batch,
+        max_memory=max_memory,
+        start_at_layer=start_at_layer,
+        hash_weights=hash_weights,
+    )

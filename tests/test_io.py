@@ -13,6 +13,7 @@ import patchspec
 from patchspec import PatchSpec
 from patchspec.catalog import ATTN_OUT, HEAD_OUT_BY_POS, RESID_PRE
 from patchspec.errors import InputError
+from patchspec.model import ModelAdapter
 from patchspec.results import tokens_hash, weights_hash
 from tests.conftest import logit_diff_metric, per_example_metric
 from tests.models import build, prompts
@@ -97,10 +98,14 @@ def test_saved_spec_reruns_the_same_experiment(gpt2, tmp_path):
 
 
 def test_provenance_hashes_weights_and_tokens(gpt2, tmp_path):
-    """The attrs carry hashes of the weights and the tokens; the weights hash tracks changes."""
+    """The attrs carry a weights fingerprint (a full hash on request) and a tokens hash."""
     clean, corrupted = prompts(2)
     result = RESID_PRE.run(gpt2, clean, corrupted, logit_diff_metric)
-    assert result.attrs["model_weights_sha256"] == weights_hash(gpt2)
+    assert "model_weights_sha256" not in result.attrs  # the full hash is opt-in
+    assert len(result.attrs["model_fingerprint"]) == 64
+    hashed = RESID_PRE.run(gpt2, clean, corrupted, logit_diff_metric, hash_weights=True)
+    assert hashed.attrs["model_weights_sha256"] == weights_hash(gpt2)
+    assert hashed.attrs["model_fingerprint"] == result.attrs["model_fingerprint"]
     assert result.attrs["tokens_sha256"] == tokens_hash(clean, corrupted)
     assert result.attrs["tokens_sha256"] != tokens_hash(corrupted, clean)
     assert result.attrs["transformer_lens_version"].startswith("4.")
@@ -108,10 +113,15 @@ def test_provenance_hashes_weights_and_tokens(gpt2, tmp_path):
     assert weights_hash(twin) == weights_hash(gpt2)
     other = build("gpt2", tmp_path / "other", seed=1)
     assert weights_hash(other) != weights_hash(gpt2)
+    fingerprint = ModelAdapter(twin).fingerprint(full=True)
+    assert fingerprint["model_fingerprint"] == result.attrs["model_fingerprint"]
+    adapter = ModelAdapter(other)
+    assert adapter.fingerprint()["model_fingerprint"] != result.attrs["model_fingerprint"]
     before = weights_hash(twin)
     with torch.no_grad():
-        next(twin.parameters()).add_(1.0)  # an in-place change invalidates the cached hash
+        next(twin.parameters()).add_(1.0)
     assert weights_hash(twin) != before
+    assert ModelAdapter(twin).fingerprint()["model_fingerprint"] != fingerprint["model_fingerprint"]
 
 
 def test_zarr_round_trip(text_result, tmp_path):

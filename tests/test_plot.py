@@ -9,7 +9,7 @@ import xarray as xr
 import patchspec
 from patchspec.catalog import ATTN_OUT, HEAD_OUT_BY_POS, HEAD_PATTERN_DEST_SRC, RESID_PRE
 from patchspec.errors import InputError
-from patchspec.plot import layout, plot, plot_interactive
+from patchspec.plot import placement, plot, plot_interactive
 from tests.conftest import per_example_metric
 from tests.models import prompts
 
@@ -89,7 +89,7 @@ def test_pattern_sweep_labels_both_position_axes(gpt2):
     r = HEAD_PATTERN_DEST_SRC.sel(layer=[1], head=[0, 1]).run(
         gpt2, clean, corrupted, per_example_metric
     )
-    assert layout(r.mean("example")) == {
+    assert placement(r.mean("example")) == {
         "x": "src_pos",
         "y": "dest_pos",
         "col": "layer",

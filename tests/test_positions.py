@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from patchspec import Corrupted, InputError, PatchSpec, SpecError, catalog, metrics
-from patchspec.engine import ENGINES
-from patchspec.plan import PerExample, Sizes, plan, resolve_positions
+from patchspec.execute.registry import ESTIMATORS
+from patchspec.plan import PerExample, Sizes, compile, resolve_positions
 from tests.models import VOCAB
 
-ENGINE_NAMES = sorted(ENGINES)
+ENGINE_NAMES = sorted(ESTIMATORS)
 PAD = VOCAB.index("<pad>")
 LENGTHS = (5, 7, 6)
 POSITIONS = {"S": [2, 3, 1], "END": -1}
@@ -187,10 +187,10 @@ def test_per_example_selections_in_the_plan():
     positions = resolve_positions(
         {"S": [2, 3, 1], "BOS": 0}, lengths={"clean": LENGTHS, "corrupted": LENGTHS}
     )
-    p = plan(catalog.RESID_PRE.sel(layer=0), sizes, positions=positions)
+    p = compile(catalog.RESID_PRE.sel(layer=0), sizes, positions=positions)
     assert p.coords["pos"] == ("S", "BOS")
-    s_index = dict(p.cells[0].regions[0].index)["pos"]
-    bos_index = dict(p.cells[1].regions[0].index)["pos"]
+    s_index = dict(p.cell(0).regions[0].index)["pos"]
+    bos_index = dict(p.cell(1).regions[0].index)["pos"]
     assert s_index == PerExample(((2,), (3,), (1,))) and bos_index == (0,)
 
 

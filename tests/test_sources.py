@@ -29,14 +29,14 @@ from patchspec import (
     catalog,
     spec_from_dict,
 )
-from patchspec.engine import ENGINES
+from patchspec.execute.registry import ESTIMATORS
 from patchspec.sources import Source, source_from_dict
 from tests.conftest import per_example_metric
 from tests.docblocks import run_python_blocks
 from tests.models import prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_NAMES = sorted(ENGINES)
+ENGINE_NAMES = sorted(ESTIMATORS)
 RESID = PatchSpec("resid_pre", axes=("layer", "pos"))
 HEADS = PatchSpec("z", axes=("layer", "head")).sel(pos=[-1, -2])
 

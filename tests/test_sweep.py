@@ -252,5 +252,5 @@ def test_unknown_engine(gpt2, tokens):
     """An unknown engine name lists the valid ones."""
     from patchspec import PatchSpecError
 
-    with pytest.raises(PatchSpecError, match=r"unknown engine 'fast'; valid engines are reference"):
+    with pytest.raises(PatchSpecError, match=r"unknown engine 'fast'; valid engines are batched, reference"):
         catalog.RESID_PRE.run(gpt2, *tokens, logit_diff_metric, engine="fast")

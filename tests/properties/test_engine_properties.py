@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from patchspec import PatchSpec, catalog, metrics
-from patchspec.engine import _GATES
 from patchspec.layouts import LAYOUTS
+from patchspec.model.adapter import GATES
 from patchspec.plan import Sizes
 from patchspec.sources import Clean, Corrupted, Mean, Zero
 from tests.conftest import logit_diff_metric, per_example_metric
@@ -63,7 +63,11 @@ def specs(draw: st.DrawFn, sizes: Sizes, per_axis: int = MAX_PER_AXIS) -> PatchS
 
 
 #: Activations (and catalogue specs) whose hook is not gated behind a ``set_use_*`` flag.
-ACTIVATIONS = sorted(a for a in LAYOUTS if LAYOUTS[a].hook_name(0).rsplit(".", 1)[-1] not in _GATES)
+ACTIVATIONS = sorted(
+    a
+    for a in LAYOUTS
+    if LAYOUTS[a].gate is None and LAYOUTS[a].hook_name(0).rsplit(".", 1)[-1] not in GATES
+)
 CATALOGUE = sorted(
     (s for s in catalog.SPECS.values() if s.activation in ACTIVATIONS), key=lambda s: s.label
 )

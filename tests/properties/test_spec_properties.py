@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from patchspec import PatchSpec
 from patchspec.layouts import LAYOUTS
-from patchspec.plan import Sizes, plan
+from patchspec.plan import Sizes, compile
 
 SIZES = Sizes(n_layers=3, n_heads=4, n_kv_heads=2, d_model=8, d_head=2, d_mlp=6, batch=2, seq=5)
 
@@ -53,10 +53,10 @@ def test_evolve_revalidates_and_preserves(spec: PatchSpec) -> None:
 @given(specs())
 def test_plan_size_is_product_of_axis_sizes(spec: PatchSpec) -> None:
     """A plan has one cell per point of the product of the swept axes, and dims == axes."""
-    p = plan(spec, SIZES)
+    p = compile(spec, SIZES)
     assert p.dims == spec.axes
-    assert len(p.cells) == math.prod(len(p.coords[d]) for d in p.dims)
-    assert all(len(cell.coords) == len(spec.axes) for cell in p.cells)
+    assert p.n_cells == math.prod(len(p.coords[d]) for d in p.dims)
+    assert all(len(cell.coords) == len(spec.axes) for cell in p.cells())
 
 
 @given(specs(), st.data())
@@ -65,14 +65,14 @@ def test_restriction_gives_a_sub_plan(spec: PatchSpec, data: st.DataObject) -> N
     if not spec.axes:
         return
     axis = data.draw(st.sampled_from(spec.axes))
-    full = plan(spec, SIZES)
+    full = compile(spec, SIZES)
     keep = data.draw(st.lists(st.sampled_from(full.coords[axis]), unique=True, min_size=1))
-    narrow = plan(spec.sel(**{axis: keep}), SIZES)
+    narrow = compile(spec.sel(**{axis: keep}), SIZES)
     i = spec.axes.index(axis)
-    expected = [c.coords for c in full.cells if c.coords[i] in keep]
-    assert sorted(c.coords for c in narrow.cells) == sorted(expected)
-    by_coords = {c.coords: c for c in full.cells}
-    for cell in narrow.cells:
+    expected = [c.coords for c in full.cells() if c.coords[i] in keep]
+    assert sorted(c.coords for c in narrow.cells()) == sorted(expected)
+    by_coords = {c.coords: c for c in full.cells()}
+    for cell in narrow.cells():
         twin = by_coords[cell.coords]
         assert [(r.layer, r.index) for r in cell.regions] == [(r.layer, r.index) for r in twin.regions]
 
@@ -81,8 +81,8 @@ def test_restriction_gives_a_sub_plan(spec: PatchSpec, data: st.DataObject) -> N
 def test_joint_plan_is_product_of_parts(a: PatchSpec, b: PatchSpec) -> None:
     """A joint spec's cells are the product of its parts' cells; each patches both regions."""
     joint = a & b
-    pa, pb, pj = plan(a, SIZES), plan(b, SIZES), plan(joint, SIZES)
-    assert len(pj.cells) == len(pa.cells) * len(pb.cells)
+    pa, pb, pj = compile(a, SIZES), compile(b, SIZES), compile(joint, SIZES)
+    assert pj.n_cells == pa.n_cells * pb.n_cells
     assert len(pj.dims) == len(a.axes) + len(b.axes)
-    first = pj.cells[0]
-    assert len(first.regions) == len(pa.cells[0].regions) + len(pb.cells[0].regions)
+    first = pj.cell(0)
+    assert len(first.regions) == len(pa.cell(0).regions) + len(pb.cell(0).regions)

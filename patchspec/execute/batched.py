@@ -1,0 +1,205 @@
+"""The exact batched estimator: many cells per forward pass, each started at the patched layer.
+
+TransformerLens runs one full forward pass per patched cell. The work a sweep needs is far
+smaller: a cell that patches layer ``L`` only changes layers ``L`` and later, and cells of the
+same layer can share one forward pass. This estimator
+
+1. groups the task's cells by the first block they patch (:mod:`patchspec.execute.schedule`);
+2. replays the receiving run from that block (:class:`patchspec.model.replay.Replay`, recorded
+   once per session and checked once per model and input shape against the model's own
+   forward; a model that cannot be replayed runs full forward passes instead);
+3. for a chunk of ``K`` cells, stacks ``K`` copies of the batch (copy-major: row ``k * batch +
+   b`` is prompt ``b`` of cell ``k``) with hooks that overwrite each copy's own region
+   (``torch.where`` over the chunk's vectorised masks, :mod:`patchspec.execute.masks`), then the
+   final norm and the unembedding, only at the positions the metric reads;
+4. evaluates the metric on the whole block of logits at once.
+
+Example:
+    >>> from patchspec import catalog
+    >>> catalog.HEAD_OUT_BY_POS.run(model, clean, corrupted, metric, cells_per_batch=64)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+import torch
+
+from patchspec.execute.hooks import FireCounter, Hook
+from patchspec.execute.masks import Write, part_writes, region_writes
+from patchspec.execute.protocols import Chunk, Task
+from patchspec.execute.schedule import choose_cells_per_batch, chunks_by_start
+from patchspec.execute.writer import write_hooks
+from patchspec.layouts import layout
+from patchspec.model.adapter import ModelAdapter
+from patchspec.options import flag, optional_count, optional_memory
+from patchspec.plan.cells import Region, regions_of
+from patchspec.plan.grid import Grid
+from patchspec.sources import Source
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define
+class Stats:
+    """What one batched sweep did (kept in ``task.memo["stats"]`` and logged at debug level)."""
+
+    cells: int = 0
+    forwards: int = 0
+    replayed: int = 0
+    full: int = 0
+    largest: int = 0
+    cells_per_batch: int = 0
+
+
+def _start_table(adapter: ModelAdapter, activation: str, n_layers: int) -> np.ndarray:
+    blocks = [adapter.block(activation, layer) for layer in range(n_layers)]
+    return np.asarray([-1 if b is None else b for b in blocks], dtype=np.int64)
+
+
+def _first_block(adapter: ModelAdapter, regions: Sequence[Region]) -> int:
+    blocks = [adapter.block(r.activation, r.layer) for r in regions]
+    if not blocks or any(b is None for b in blocks):
+        return -1
+    return min(b for b in blocks if b is not None)
+
+
+def start_layers(task: Task) -> np.ndarray:
+    """The first block each of ``task.cells`` patches (``-1``: a full pass is needed)."""
+    grid, adapter = task.grid, task.adapter
+    if grid.vectorised:
+        first = grid.first_layers(task.cells)
+        starts = np.empty(first.shape, dtype=np.int64)
+        for k, part in enumerate(grid.parts):
+            starts[:, k] = _start_table(adapter, part.spec.activation, grid.sizes.n_layers)[first[:, k]]
+        if not grid.parts:
+            return np.full(len(task.cells), -1, dtype=np.int64)
+        return np.where((starts < 0).any(1), -1, starts.min(1))
+    return np.asarray(
+        [_first_block(adapter, grid.cell(int(i)).regions) for i in task.cells], dtype=np.int64
+    )
+
+
+def chunk_writes(grid: Grid, cells: np.ndarray, device: torch.device, memo: dict[Hashable, Any]) -> list[Write]:
+    """Every write of a chunk of cells: vectorised per part, explicit for rules and lists."""
+    sizes = grid.sizes
+    if grid.explicit is not None:
+        return region_writes([grid.explicit[int(i)].regions for i in cells], sizes, device)
+    index = grid.coordinate_indices(cells)
+    writes: list[Write] = []
+    for part in grid.parts:
+        if part.vectorised:
+            writes += part_writes(grid, part, index, sizes, device, memo)
+            continue
+        per_cell = []
+        for row in index:
+            coords = {a.name: a.values[int(row[part.first + j])] for j, a in enumerate(part.axes)}
+            per_cell.append(regions_of(part.spec, coords, sizes, grid.positions))
+        writes += region_writes(per_cell, sizes, device)
+    return writes
+
+
+def source_values(task: Task, source: Source, hook_name: str) -> torch.Tensor:
+    """The full tensor ``source`` gives at ``hook_name``, computed once per task."""
+    try:
+        key: Hashable = ("values", source, hook_name)
+        hash(key)
+    except TypeError:
+        key = ("values", id(source), hook_name)
+    if key not in task.memo:
+        task.memo[key] = source.values(hook_name, task.session)
+    return task.memo[key]
+
+
+@attrs.frozen
+class BatchedEstimator:
+    """Exact patching, many cells per forward pass (see the module docstring).
+
+    Args:
+        cells_per_batch: Cells per forward pass (default: from the memory budget).
+        max_memory: Memory budget of one pass, bytes or a string such as ``"2GB"``.
+        start_at_layer: Start each pass at its cells' first patched block (``False``: run every
+            block, as the reference estimator does).
+    """
+
+    name: ClassVar[str] = "batched"
+    exact: ClassVar[bool] = True
+    cells_per_batch: int | None = attrs.field(default=None, validator=optional_count)
+    max_memory: str | int | float | None = attrs.field(default=None, validator=optional_memory)
+    start_at_layer: bool = attrs.field(default=True, validator=flag)
+
+    def cells_per_pass(self, task: Task) -> int:
+        """``K``: the most cells one forward pass holds for this task."""
+        adapter = task.adapter
+        positions = task.evaluate.logit_positions(task.grid.sizes.seq)
+        return choose_cells_per_batch(
+            task.grid.sizes,
+            d_vocab=adapter.d_vocab,
+            n_positions=task.grid.sizes.seq if positions is None else len(positions),
+            device=adapter.device,
+            dtype=adapter.dtype,
+            cells_per_batch=self.cells_per_batch,
+            max_memory=self.max_memory,
+        )
+
+    def chunks(self, task: Task) -> list[Chunk]:
+        """The task's cells grouped by start layer, in chunks of at most ``K``."""
+        if self.start_at_layer:
+            starts = start_layers(task)
+        else:
+            starts = np.full(len(task.cells), -1, dtype=np.int64)
+        limit = self.cells_per_pass(task)
+        stats = task.memo.setdefault("stats", Stats())
+        stats.cells, stats.cells_per_batch = len(task.cells), limit
+        return chunks_by_start(task.cells, starts, limit)
+
+    def hooks(self, task: Task, chunk: Chunk) -> list[Hook]:
+        """The hooks that patch ``len(chunk)`` stacked copies, copy ``k`` as cell ``chunk.cells[k]``."""
+        adapter = task.adapter
+        hooks: list[Hook] = []
+        for activation, layer, source, mask in chunk_writes(
+            task.grid, chunk.cells, adapter.device, task.memo
+        ):
+            values = source_values(task, source, adapter.hook_name(activation, layer))
+            hooks += write_hooks(
+                adapter.write_points(activation, layer),
+                layout(activation).writer,
+                values,
+                mask.dense(),
+                copies=len(chunk),
+            )
+        return hooks
+
+    def estimate(self, task: Task, chunk: Chunk) -> torch.Tensor:
+        """The values of one chunk's cells, from one forward pass of ``len(chunk)`` copies.
+
+        Raises:
+            HookError: a hook did not fire exactly once.
+            MetricError: the metric returned the wrong shape or a non-finite value.
+        """
+        adapter, session = task.adapter, task.session
+        copies = len(chunk)
+        positions = task.evaluate.logit_positions(task.grid.sizes.seq)
+        stats = task.memo.setdefault("stats", Stats())
+        with torch.inference_mode():
+            counter = FireCounter()
+            hooks = counter.counted(self.hooks(task, chunk))
+            replay = session.replay(task.grid.receiver) if chunk.start is not None else None
+            if replay is not None and chunk.start is not None:
+                with adapter.hooks(hooks):
+                    logits = replay.run(chunk.start, copies, positions)
+                stats.replayed += 1
+            else:
+                tokens = session.tokens(task.grid.receiver).repeat(copies, 1)
+                logits = adapter.run_with_hooks(tokens, hooks)
+                if positions is not None:
+                    logits = logits[:, list(positions)]
+                stats.full += 1
+            counter.check()
+            stats.forwards += 1
+            stats.largest = max(stats.largest, copies)
+            return task.evaluate.many(logits, [int(i) for i in chunk.cells], positions)

@@ -1,0 +1,77 @@
+"""The local executor: runs chunks one after another in this process, with a progress bar.
+
+A chunk that runs out of memory is split in two and retried, and every later chunk is kept
+to the smaller size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from patchspec.execute.protocols import Chunk, Estimator, Task
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the device (or the host) ran out of memory."""
+    if isinstance(err, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+@attrs.define
+class LocalExecutor:
+    """Runs every chunk here, in order."""
+
+    name: ClassVar[str] = "local"
+    splits: int = 0
+
+    def run(
+        self, estimator: Estimator, task: Task, chunks: Sequence[Chunk], *, progress: bool
+    ) -> torch.Tensor:
+        """The values of ``task.cells``, in order, stacked on a leading dim."""
+        where = {int(c): i for i, c in enumerate(task.cells)}
+        parts: list[tuple[Chunk, torch.Tensor]] = []
+        limit = max((len(c) for c in chunks), default=1)
+        desc = f"patching {task.label} ({estimator.name})".replace("  ", " ")
+        with tqdm(total=len(task.cells), desc=desc, unit="cell", disable=not progress) as bar:
+            pending = list(chunks)
+            while pending:
+                chunk = pending.pop(0)
+                if len(chunk) > limit:
+                    pending[:0] = chunk.split()
+                    continue
+                try:
+                    values = estimator.estimate(task, chunk)
+                except (RuntimeError, MemoryError) as err:
+                    if not is_out_of_memory(err) or len(chunk) == 1:
+                        raise
+                    limit = len(chunk) // 2
+                    self.splits += 1
+                    log.debug("out of memory with %d cells per pass; splitting", len(chunk))
+                    if task.adapter.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    pending[:0] = chunk.split()
+                    continue
+                parts.append((chunk, values))
+                bar.update(len(chunk))
+        if not parts:
+            return torch.empty(0)
+        order = torch.as_tensor(
+            [where[int(c)] for chunk, _v in parts for c in chunk.cells], dtype=torch.long
+        )
+        stacked = torch.cat([v.to(parts[0][1].device) for _c, v in parts])
+        out = torch.empty_like(stacked)
+        out[order.to(stacked.device)] = stacked
+        return out

@@ -1,0 +1,68 @@
+"""The batched engine's hook writer: ``torch.where(mask, patched, act)`` over stacked copies.
+
+The activation at a hook holds ``copies`` copies of the batch stacked on its first dim
+(``[copies * batch, ...]``, copy-major); it is viewed as ``[copies, batch, ...]``, against
+which a chunk's dense mask (``[copies, 1 | batch, ...]``) and the source values (``[batch,
+...]``) broadcast. A ``resid_mid`` write reads ``resid_pre`` and rewrites ``attn_out`` of the
+same block so that the residual stream itself takes the values (the model adapter names the
+points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from patchspec.execute.hooks import Hook
+from patchspec.layouts import Writer
+
+
+def write_hooks(
+    points: Sequence[str],
+    writer: Writer,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    copies: int = 1,
+) -> list[Hook]:
+    """Forward hooks that write ``values`` into the activation where ``mask``.
+
+    Args:
+        points: The adapter's write points: the activation's hook, or for ``resid_mid`` the
+            block's ``resid_pre`` and ``attn_out`` hooks.
+        writer: How the activation is written.
+        values: ``[batch, ...]`` patched values.
+        mask: ``[copies, 1 | batch, ...]`` booleans broadcasting against the activation.
+        copies: Number of stacked copies of the batch in the activation.
+    """
+    cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def target(act: torch.Tensor) -> torch.Tensor:
+        if act.dtype not in cast:
+            cast[act.dtype] = values.to(act.dtype)
+        return cast[act.dtype]
+
+    def write(act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, new, act.unflatten(0, (copies, -1))).flatten(0, 1)
+
+    if writer == "resid_mid":
+        pre_name, attn_out_name = points
+        seen: dict[str, torch.Tensor] = {}
+
+        def read_resid_pre(act: torch.Tensor, hook: object) -> None:
+            seen["resid_pre"] = act
+
+        def write_attn_out(act: torch.Tensor, hook: object) -> torch.Tensor:
+            # resid_mid = resid_pre + attn_out, so this attn_out makes resid_mid == values here.
+            resid_pre = seen.pop("resid_pre").unflatten(0, (copies, -1))
+            return write(act, target(act) - resid_pre)
+
+        return [(pre_name, read_resid_pre), (attn_out_name, write_attn_out)]
+
+    (hook_name,) = points
+
+    def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return write(act, target(act))
+
+    return [(hook_name, overwrite)]

@@ -1,0 +1,340 @@
+"""The one path from specs to labelled results.
+
+validate -> session -> compile -> estimate -> label:
+
+1. **validate** everything that needs no forward pass: options (already a validated
+   :class:`~patchspec.options.RunOptions`), the estimator and executor, the metric, the model's
+   mode, the inputs' shapes, named positions, every restriction and hook;
+2. open a **session** (:class:`~patchspec.model.session.Session`): tokens, padding, the two
+   unpatched runs and the activations the grids read, each computed once;
+3. **compile** each spec to a :class:`~patchspec.plan.grid.Grid` (cached);
+4. **estimate**: the estimator cuts the grid into chunks and the executor runs them;
+5. **label**: an ``xarray.DataArray`` per spec, with coordinates, baselines and provenance.
+
+``spec.run``, ``Sweep.run`` and every function of :mod:`patchspec.compat` go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+import xarray as xr
+
+from patchspec.errors import InputError, MetricError
+from patchspec.execute.protocols import Estimator, Executor, Task
+from patchspec.execute.registry import executor_for, make_estimator
+from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics
+from patchspec.model.adapter import ModelAdapter
+from patchspec.model.session import Session, prompt_texts
+from patchspec.options import RunOptions
+from patchspec.plan.grid import Grid, compile
+from patchspec.plan.positions import Positions, PositionTable, resolve_positions
+from patchspec.plan.sizes import Sizes
+from patchspec.results import (
+    BASELINE_KEYS,
+    named_token_labels,
+    provenance,
+    to_dataarray,
+    token_labels,
+)
+from patchspec.sources import Receiver
+from patchspec.spec import AnySpec, Sweep
+
+#: Sweeps with at least this many cells show a progress bar unless ``progress=False``.
+PROGRESS_FROM = 64
+#: Attrs every variable of a Sweep's Dataset shares, lifted to the Dataset.
+SHARED_ATTRS = (
+    "metric",
+    "clean_baseline",
+    "corrupted_baseline",
+    "model",
+    "model_fingerprint",
+    "model_weights_sha256",
+    "tokens_sha256",
+    "patchspec_version",
+    "transformer_lens_version",
+)
+
+
+@attrs.frozen(eq=False)
+class Run:
+    """What the specs of one sweep share: validated pieces and the session.
+
+    Attributes:
+        adapter: The model adapter.
+        session: The unpatched runs.
+        estimator: What computes the values.
+        executor: Where the chunks run.
+        options: The run's options.
+        metrics: The metrics, evaluated on the same passes.
+        metric_dim: Whether results get a ``metric`` dim.
+        positions: Named positions, resolved.
+        prompts: Prompt texts for results' ``example`` coordinates.
+    """
+
+    adapter: ModelAdapter
+    session: Session
+    estimator: Estimator
+    executor: Executor
+    options: RunOptions
+    metrics: tuple[Metric, ...]
+    metric_dim: bool
+    positions: Positions | None
+    prompts: dict[str, list[str]]
+    _context: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def sizes(self) -> Sizes:
+        """Sizes of the model and inputs."""
+        return self.adapter.sizes(self.session.batch, self.session.seq)
+
+    def add(self, grid: Grid) -> Grid:
+        """Check a grid's hooks and make the session cache what it reads; before any pass.
+
+        Raises:
+            HookError: a hook the grid patches is missing or gated.
+            InputError: the unpatched runs were already made without its activations.
+        """
+        self.adapter.check_hooks(grid.sites)
+        missing = set(grid.hook_names) - self.session.hook_names
+        if missing and "context" in self._context:
+            raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")
+        self.session.hook_names.update(grid.hook_names)
+        return grid
+
+    @property
+    def context(self) -> MetricContext:
+        """What metrics read besides the patched logits (runs the unpatched passes once)."""
+        if "context" not in self._context:
+            session = self.session
+            with torch.inference_mode():
+                self._context["context"] = MetricContext(
+                    model=self.adapter.model,
+                    clean_logits=session.logits("clean") if session.has("clean") else None,
+                    corrupted_logits=session.logits("corrupted"),
+                    tokens=session.tokens("corrupted"),
+                )
+        return self._context["context"]  # type: ignore[no-any-return]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """One token label per position (the clean tokens, else the corrupted ones)."""
+        if "labels" not in self._context:
+            which: Receiver = "clean" if self.session.has("clean") else "corrupted"
+            self._context["labels"] = token_labels(self.adapter.model, self.session.tokens(which))
+        return self._context["labels"]  # type: ignore[no-any-return]
+
+
+def prepare(
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    options: RunOptions,
+    positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
+    reference: Any = None,
+    clean_cache: Mapping[str, torch.Tensor] | None = None,
+) -> Run:
+    """Validate everything that needs no forward pass and open the session (no pass yet).
+
+    Raises:
+        PatchSpecError: a bad option, metric, model state, input or named position.
+    """
+    adapter = ModelAdapter.of(model)
+    adapter.check_eval_mode()
+    metric_list, metric_dim = as_metrics(metric)
+    estimator = make_estimator(options.engine, options.batching)
+    executor = executor_for(options.executor)
+    session = Session(adapter, clean, corrupted, reference=reference, clean_cache=clean_cache)
+    texts = {"clean_prompt": prompt_texts(clean), "corrupted_prompt": prompt_texts(corrupted)}
+    return Run(
+        adapter=adapter,
+        session=session,
+        estimator=estimator,
+        executor=executor,
+        options=options,
+        metrics=metric_list,
+        metric_dim=metric_dim,
+        positions=_named_positions(session, positions),
+        prompts={k: v for k, v in texts.items() if v is not None},
+    )
+
+
+def _named_positions(
+    session: Session, positions: PositionTable | tuple[PositionTable, PositionTable] | None
+) -> Positions | None:
+    if positions is None:
+        return None
+    lengths: dict[Receiver, Sequence[int]] = {
+        "clean": session.lengths("clean"),
+        "corrupted": session.lengths("corrupted"),
+    }
+    resolved = resolve_positions(positions, lengths=lengths)
+    if resolved is None:
+        return None
+    labels = named_token_labels(session.model, session.tokens("clean"), resolved.clean)
+    return attrs.evolve(resolved, labels=labels)
+
+
+def estimate(
+    estimator: Estimator,
+    executor: Executor,
+    task: Task,
+    *,
+    progress: bool | None,
+) -> torch.Tensor:
+    """Every cell of ``task.cells``: the estimator's chunks, run by the executor.
+
+    Raises:
+        MetricError: the estimator returned values for a different number of cells.
+    """
+    chunks = estimator.chunks(task)
+    covered = sum(len(c) for c in chunks)
+    if covered != len(task.cells):
+        raise MetricError(
+            f"estimator {estimator.name!r} planned {covered} cells for {len(task.cells)}; "
+            "its chunks must cover every cell exactly once"
+        )
+    show = len(task.cells) >= PROGRESS_FROM if progress is None else progress
+    values = executor.run(estimator, task, chunks, progress=show)
+    if values.shape[0] != len(task.cells):
+        raise MetricError(
+            f"executor {executor.name!r} returned {values.shape[0]} values for "
+            f"{len(task.cells)} cells"
+        )
+    return values
+
+
+def run_grid(
+    run: Run, grid: Grid, label: str, cells: np.ndarray | None = None
+) -> tuple[torch.Tensor, Evaluator, torch.Tensor | None, torch.Tensor]:
+    """The values of ``cells`` (default: all) of one grid, and the evaluator and baselines.
+
+    Returns:
+        ``(values, evaluator, clean_baseline, corrupted_baseline)``.
+    """
+    session = run.session
+    context = attrs.evolve(run.context, tokens=session.tokens(grid.receiver))
+    evaluate = Evaluator(run.metrics, context, stacked=run.metric_dim, describe=grid.describe)
+    with torch.inference_mode():
+        clean_base = (
+            evaluate(session.logits("clean"), "the clean baseline")
+            if session.has("clean")
+            else None
+        )
+        corrupted_base = evaluate(session.logits("corrupted"), "the corrupted baseline")
+    chosen = np.arange(grid.n_cells, dtype=np.int64) if cells is None else cells
+    task = Task(grid, chosen, session, run.adapter, evaluate, label)
+    values = estimate(run.estimator, run.executor, task, progress=run.options.progress)
+    return values, evaluate, clean_base, corrupted_base
+
+
+def _plain(value: torch.Tensor | None) -> Any:
+    if value is None:
+        return None
+    return float(value) if value.ndim == 0 else value.tolist()
+
+
+def label(
+    run: Run,
+    spec: AnySpec,
+    grid: Grid,
+    values: torch.Tensor,
+    evaluate: Evaluator,
+    clean_base: torch.Tensor | None,
+    corrupted_base: torch.Tensor,
+) -> xr.DataArray:
+    """One spec's values as a labelled DataArray with baselines and provenance in attrs."""
+    try:
+        spec_attr: Any = spec.to_dict()
+    except Exception:  # a custom rule is code: keep its repr
+        spec_attr = repr(spec)
+    session = run.session
+    estimator = run.estimator
+    attributes: dict[str, Any] = {
+        "spec": spec_attr,
+        "spec_name": spec.label,
+        "activation": "&".join(part.activation for part in spec.parts),
+        "source": ", ".join(dict.fromkeys(s.kind for s in spec.sources)),
+        "sources": [s.to_dict() for s in spec.sources],
+        "metric": ", ".join(evaluate.names),
+        "clean_baseline": _plain(clean_base),
+        "corrupted_baseline": _plain(corrupted_base),
+        "engine": estimator.name,
+        "estimator": estimator.name,
+        "exact": bool(estimator.exact),
+        "executor": run.executor.name,
+        **provenance(
+            run.adapter, session.clean_tokens, session.corrupted_tokens,
+            full_hash=run.options.hash_weights,
+        ),
+    }
+    if grid.positions is not None:
+        attributes["positions"] = {
+            "clean": {k: list(v) for k, v in grid.positions.clean.items()},
+            "corrupted": {k: list(v) for k, v in grid.positions.corrupted.items()},
+        }
+    return to_dataarray(
+        grid,
+        values,
+        name="+".join(evaluate.names),
+        labels=run.labels,
+        attrs=attributes,
+        prompts=run.prompts,
+        metrics=evaluate.names if run.metric_dim else None,
+    )
+
+
+def run_specs(
+    specs: Sequence[AnySpec],
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    options: RunOptions,
+    positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
+    reference: Any = None,
+) -> list[xr.DataArray]:
+    """Sweep every spec on the same session; one labelled DataArray per spec.
+
+    Raises:
+        PatchSpecError: bad spec, option, inputs, metric or model state (before any patched
+            forward pass), or a hook that did not fire as planned.
+    """
+    if clean is None:
+        raise InputError("clean prompts are required (give prompts or tokens, not None)")
+    run = prepare(
+        model, clean, corrupted, metric, options=options, positions=positions, reference=reference
+    )
+    grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
+    arrays = []
+    for spec, grid in zip(specs, grids, strict=True):
+        values, evaluate, clean_base, corrupted_base = run_grid(run, grid, spec.label)
+        arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
+    return arrays
+
+
+def to_dataset(sweep: Sweep, arrays: Sequence[xr.DataArray]) -> xr.Dataset:
+    """A Sweep's arrays as one Dataset, with the attrs they share lifted to it."""
+    named = {spec.label: array for spec, array in zip(sweep.specs, arrays, strict=True)}
+    first = arrays[0]
+    shared = {k: first.attrs[k] for k in SHARED_ATTRS if k in first.attrs}
+    if sweep.name is not None:
+        shared["sweep"] = sweep.name
+    return xr.Dataset(_shared_baselines(named), attrs=shared)
+
+
+def _shared_baselines(arrays: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:
+    """Drop per-example baseline coords that differ between specs (each keeps them in attrs)."""
+    out = dict(arrays)
+    for key in BASELINE_KEYS:
+        values = [a[key].values.tolist() for a in out.values() if key in a.coords]
+        if values and any(v != values[0] for v in values):
+            out = {n: a.drop_vars(key, errors="ignore") for n, a in out.items()}
+    return out
