@@ -129,7 +129,7 @@ def per_sequence_time(model: Any, tokens: torch.Tensor, rows: tuple[int, ...]) -
 
 
 class ForwardCounter(logging.Handler):
-    """Collects the ``stats`` the batched engine attaches to its debug summary."""
+    """Collects the ``stats`` of the batched engine from the runner's debug summaries."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -181,12 +181,17 @@ def cases(quick: bool, kind: str) -> list[tuple[str, str, Any]]:
 
 def layers_of(spec_or_sweep: Any, model: Any, batch: int) -> list[int]:
     """The first patched layer of every cell."""
-    from patchspec.batched import start_layer
-    from patchspec.plan import Sizes, plan
+    import numpy as np
+
+    from patchspec.plan import Sizes, compile
 
     sizes = Sizes.of(model, batch, SEQ)
     specs = getattr(spec_or_sweep, "specs", (spec_or_sweep,))
-    return [start_layer(cell) or 0 for spec in specs for cell in plan(spec, sizes).cells]
+    layers: list[int] = []
+    for spec in specs:
+        grid = compile(spec, sizes)
+        layers += grid.first_layers(np.arange(grid.n_cells)).min(1).tolist()
+    return layers
 
 
 def run_case(
@@ -214,7 +219,7 @@ def run_case(
     if quick:
         labelled()  # warm-up: first-call caches
     counter = ForwardCounter()
-    engine_log = logging.getLogger("patchspec.batched")
+    engine_log = logging.getLogger("patchspec.runner")
     engine_log.addHandler(counter)
     engine_log.setLevel(logging.DEBUG)
     try:

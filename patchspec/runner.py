@@ -16,6 +16,7 @@ validate -> session -> compile -> estimate -> label:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ from patchspec.results import (
 )
 from patchspec.sources import Receiver
 from patchspec.spec import AnySpec, Sweep
+
+log = logging.getLogger(__name__)
 
 #: Sweeps with at least this many cells show a progress bar unless ``progress=False``.
 PROGRESS_FROM = 64
@@ -202,6 +205,17 @@ def estimate(
         )
     show = len(task.cells) >= PROGRESS_FROM if progress is None else progress
     values = executor.run(estimator, task, chunks, progress=show)
+    stats = task.memo.get("stats")
+    log.debug(
+        "%s: %d cells in %d chunks by %s on %s%s",
+        task.label,
+        len(task.cells),
+        len(chunks),
+        estimator.name,
+        executor.name,
+        f" ({stats})" if stats is not None else "",
+        extra={"stats": stats},
+    )
     if values.shape[0] != len(task.cells):
         raise MetricError(
             f"executor {executor.name!r} returned {values.shape[0]} values for "
@@ -213,7 +227,13 @@ def estimate(
 def run_grid(
     run: Run, grid: Grid, label: str, cells: np.ndarray | None = None
 ) -> tuple[torch.Tensor, Evaluator, torch.Tensor | None, torch.Tensor]:
-    """The values of ``cells`` (default: all) of one grid, and the evaluator and baselines.
+    """The values of one grid's cells, and the evaluator and baselines.
+
+    Args:
+        run: The prepared run (the grid added with :meth:`Run.add`).
+        grid: The grid.
+        label: The spec's label, for progress and errors.
+        cells: Flat indices of the cells to compute (default: all); the others are NaN.
 
     Returns:
         ``(values, evaluator, clean_baseline, corrupted_baseline)``.
@@ -228,9 +248,13 @@ def run_grid(
             else None
         )
         corrupted_base = evaluate(session.logits("corrupted"), "the corrupted baseline")
-    chosen = np.arange(grid.n_cells, dtype=np.int64) if cells is None else cells
+    chosen = np.arange(grid.n_cells, dtype=np.int64) if cells is None else np.unique(cells)
     task = Task(grid, chosen, session, run.adapter, evaluate, label)
     values = estimate(run.estimator, run.executor, task, progress=run.options.progress)
+    if cells is not None:  # not measured means NaN
+        full = values.new_full((grid.n_cells, *values.shape[1:]), float("nan"))
+        full[torch.as_tensor(chosen, device=values.device)] = values
+        values = full
     return values, evaluate, clean_base, corrupted_base
 
 

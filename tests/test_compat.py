@@ -11,6 +11,8 @@ import patchspec.compat as compat
 from patchspec import PatchSpecError, catalog
 from tests.conftest import logit_diff_metric, per_example_metric
 
+pytestmark = pytest.mark.slow
+
 ALL_FUNCTIONS = [entry.tl_function for entry in catalog.TABLE] + [s.tl_function for s in catalog.STACKS]
 # TransformerLens 4.3's resid_mid is the second norm's input, not the residual stream (see compat).
 MATCHING = [name for name in ALL_FUNCTIONS if name != "get_act_patch_resid_mid"]

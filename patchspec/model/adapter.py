@@ -238,16 +238,33 @@ class ModelAdapter:
         logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
         return logits.detach(), {k: v.detach() for k, v in cache.items()}
 
-    def replay(self, tokens: Int[torch.Tensor, "batch pos"]) -> Replay | None:
-        """A checked replay of ``tokens`` (``None``: this model cannot be replayed exactly).
+    def run_recording(
+        self, tokens: Int[torch.Tensor, "batch pos"], hook_names: Iterable[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Replay | None]:
+        """:meth:`run_with_cache`, also recording every block's inputs for a replay.
 
-        The check that replaying reproduces the model's own forward pass runs once per input
-        shape, dtype and device.
+        Returns:
+            The logits, the activations, and the checked replay of this pass (``None`` when the
+            model cannot be replayed exactly).
         """
+        with Replay.recording(self.model) as recorder:
+            logits, cache = self.run_with_cache(tokens, hook_names)
+        return logits, cache, self.checked(recorder.replay(int(tokens.shape[0])), logits)
+
+    def replay(self, tokens: Int[torch.Tensor, "batch pos"]) -> Replay | None:
+        """A checked replay of ``tokens`` from a pass of its own (``None``: this model cannot be
+        replayed exactly)."""
         replay, logits = Replay.capture(self.model, tokens)
+        return self.checked(replay, logits)
+
+    def checked(self, replay: Replay | None, logits: torch.Tensor) -> Replay | None:
+        """``replay`` if replaying it reproduces ``logits`` (the model's own pass), else ``None``.
+
+        The check runs once per input shape, dtype and device.
+        """
         if replay is None:
             return None
-        key = (tuple(tokens.shape), logits.dtype, logits.device)
+        key = (replay.batch, *tuple(logits.shape[1:2]), logits.dtype, logits.device)
         if key not in self._verified:
             self._verified[key] = replay.matches(logits, 0)
             if not self._verified[key]:

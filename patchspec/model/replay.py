@@ -11,8 +11,9 @@ points firing as in a full pass for the blocks that run. TransformerBridge's own
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -60,10 +61,43 @@ class _Inputs:
     hidden_kw: bool  # passed as ``hidden_states=`` rather than first positional argument
 
 
+class Recorder:
+    """The block inputs seen during one forward pass (see :meth:`Replay.recording`)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.usable = True
+        self.inputs: dict[int, _Inputs] = {}
+
+    def hook(self, index: int) -> Callable[..., None]:
+        """A forward pre-hook recording what block ``index`` receives."""
+
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                self.inputs[index] = _Inputs(args[1:], dict(kwargs), args[0].clone(), False)
+            elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
+                rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                self.inputs[index] = _Inputs(args, rest, kwargs["hidden_states"].clone(), True)
+
+        return record
+
+    def replay(self, batch: int) -> Replay | None:
+        """The replay of the recorded pass (``None`` when some block's input was not seen)."""
+        if not self.usable:
+            return None
+        blocks = self.model.blocks
+        if len(self.inputs) != len(blocks):
+            log.debug(
+                "recorded inputs of %d of %d blocks; replay disabled", len(self.inputs), len(blocks)
+            )
+            return None
+        return Replay(self.model, dict(self.inputs), batch)
+
+
 class Replay:
     """Runs blocks ``L``..end of a model from the inputs they received in a recorded pass.
 
-    Built by :meth:`capture`; :meth:`run` then computes the logits of ``copies`` stacked
+    Built by :meth:`capture` or :meth:`recording`; :meth:`run` then computes the logits of ``copies`` stacked
     copies of the recorded batch, starting at any recorded block. Hooks registered on the
     model's hook points fire as in a full forward pass, for the blocks that run.
     """
@@ -75,13 +109,16 @@ class Replay:
         self._expanded: dict[tuple[int, int], tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     @classmethod
-    def capture(cls, model: Any, tokens: torch.Tensor) -> tuple[Replay | None, torch.Tensor]:
-        """Run ``tokens`` once, unpatched, recording every block's inputs.
+    @contextlib.contextmanager
+    def recording(cls, model: Any) -> Iterator[Recorder]:
+        """Record every block's inputs during whatever forward pass runs inside the block.
 
-        Returns:
-            The replay (``None`` when the model has no usable block stack) and the logits of
-            the unpatched pass.
+        Example:
+            >>> with Replay.recording(model) as recorder:  # doctest: +SKIP
+            ...     logits = model(tokens)
+            >>> replay = recorder.replay(batch=tokens.shape[0])  # doctest: +SKIP
         """
+        recorder = Recorder(model)
         blocks = getattr(model, "blocks", None)
         usable = (
             isinstance(blocks, torch.nn.ModuleList)
@@ -90,38 +127,31 @@ class Replay:
             and isinstance(getattr(model, "unembed", None), torch.nn.Module)
         )
         if not usable or blocks is None:
-            log.debug(
-                "batched engine: %s has no blocks/ln_final/unembed to replay", type(model).__name__
-            )
-            return None, model(tokens)
-        recorded: dict[int, _Inputs] = {}
-
-        def recorder(index: int) -> Callable[..., None]:
-            def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                if args and isinstance(args[0], torch.Tensor):
-                    recorded[index] = _Inputs(args[1:], dict(kwargs), args[0].clone(), False)
-                elif isinstance(kwargs.get("hidden_states"), torch.Tensor):
-                    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                    recorded[index] = _Inputs(args, rest, kwargs["hidden_states"].clone(), True)
-
-            return record
-
+            log.debug("%s has no blocks/ln_final/unembed to replay", type(model).__name__)
+            recorder.usable = False
+            yield recorder
+            return
         handles = [
-            b.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, b in enumerate(blocks)
+            b.register_forward_pre_hook(recorder.hook(i), with_kwargs=True)
+            for i, b in enumerate(blocks)
         ]
         try:
-            logits = model(tokens)
+            yield recorder
         finally:
             for handle in handles:
                 handle.remove()
-        if len(recorded) != len(blocks):
-            log.debug(
-                "batched engine: recorded inputs of %d of %d blocks; replay disabled",
-                len(recorded),
-                len(blocks),
-            )
-            return None, logits
-        return cls(model, recorded, int(tokens.shape[0])), logits
+
+    @classmethod
+    def capture(cls, model: Any, tokens: torch.Tensor) -> tuple[Replay | None, torch.Tensor]:
+        """Run ``tokens`` once, unpatched, recording every block's inputs.
+
+        Returns:
+            The replay (``None`` when the model has no usable block stack) and the logits of
+            the unpatched pass.
+        """
+        with cls.recording(model) as recorder:
+            logits = model(tokens)
+        return recorder.replay(int(tokens.shape[0])), logits
 
     def _block_inputs(self, index: int, copies: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         key = (index, copies)

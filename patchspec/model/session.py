@@ -173,9 +173,10 @@ class Session:
         return (self.clean_tokens if which == "clean" else self.corrupted_tokens) is not None
 
     def _run(self, which: Receiver) -> None:
-        logits, cache = self.adapter.run_with_cache(self.tokens(which), self.hook_names)
+        logits, cache, replay = self.adapter.run_recording(self.tokens(which), self.hook_names)
         self._logits[which] = logits
         self._caches.setdefault(which, cache)
+        self._replays[which] = replay
 
     def logits(self, which: Receiver) -> Float[torch.Tensor, "batch pos vocab"]:
         """Logits of the unpatched run (computed once)."""
@@ -184,9 +185,12 @@ class Session:
         return self._logits[which]
 
     def replay(self, which: Receiver) -> Replay | None:
-        """The checked replay of one receiving run, recorded once per session."""
+        """The checked replay of one receiving run, recorded during its unpatched pass."""
         if which not in self._replays:
-            self._replays[which] = self.adapter.replay(self.tokens(which))
+            if which in self._logits:  # e.g. logits given from elsewhere: record a pass now
+                self._replays[which] = self.adapter.replay(self.tokens(which))
+            else:
+                self._run(which)
         return self._replays[which]
 
     def position_axes(self, hook_name: str) -> tuple[int, ...]:

@@ -369,10 +369,10 @@ def test_full_forward_fallback(gpt2, monkeypatch, caplog):
     """A model whose replay does not reproduce its forward runs full passes, logged, same values."""
     adapter = ModelAdapter(gpt2)  # fresh: no cached verification
     monkeypatch.setattr(Replay, "matches", lambda self, logits, layer: False)
-    run = start(adapter, metrics.logit_diff(5, 7))
-    task = task_of(run, compile(catalog.HEAD_OUT, run.sizes))
-    want, _ = execute(task, ReferenceEstimator())
     with caplog.at_level(logging.DEBUG, logger="patchspec.model.adapter"):
+        run = start(adapter, metrics.logit_diff(5, 7))
+        task = task_of(run, compile(catalog.HEAD_OUT, run.sizes))
+        want, _ = execute(task, ReferenceEstimator())
         got, stats = execute(task, BatchedEstimator())
     assert "falling back to full forward passes" in caplog.text
     assert task.session.replay(task.grid.receiver) is None
@@ -890,3 +890,25 @@ def test_region_masks_match_an_oracle():
     for (activation, layer), mask in got.items():
         for k, regions in enumerate(cells):
             np.testing.assert_array_equal(mask[k], _oracle(regions, sizes, activation, layer))
+
+
+def test_a_subset_of_cells_leaves_the_rest_nan(gpt2):
+    """Computing only some cells of a grid gives their exact values and NaN elsewhere."""
+    from patchspec.options import RunOptions
+    from patchspec.plan import compile
+
+    clean, corrupted = prompts()
+    spec = catalog.HEAD_OUT_BY_POS
+    full = spec.run(gpt2, clean, corrupted, logit_diff_metric, progress=False)
+    for engine in ("batched", "reference"):
+        run = runner.prepare(
+            gpt2, clean, corrupted, logit_diff_metric, options=RunOptions(engine=engine)
+        )
+        grid = run.add(compile(spec, run.sizes))
+        chosen = np.asarray([5, 0, 17, 5], dtype=np.int64)
+        values, *_ = runner.run_grid(run, grid, spec.label, cells=chosen)
+        flat = full.values.reshape(-1)
+        got = values.numpy()
+        np.testing.assert_allclose(got[[0, 5, 17]], flat[[0, 5, 17]], rtol=1e-5, atol=1e-5)
+        rest = np.setdiff1d(np.arange(grid.n_cells), chosen)
+        assert np.isnan(got[rest]).all()
