@@ -54,13 +54,12 @@ def main() -> None:
         part = grid.parts[0]
         active = 0
         for chunk in chunks:
-            index = grid.coordinate_indices(chunk.cells)
             for _activation, _layer, _source, mask in part_writes(
-                grid, part, index, sizes, torch.device("cpu"), memo
+                grid, part, chunk.cells, sizes, torch.device("cpu"), memo
             ):
                 active += int(mask.active.shape[0])
         t3 = time.process_time()
-        dense = part_writes(grid, part, grid.coordinate_indices(chunks[0].cells), sizes,
+        dense = part_writes(grid, part, chunks[0].cells, sizes,
                             torch.device("cpu"), memo)[0][3].dense()
         t4 = time.process_time()
         assert active == grid.n_cells and int(dense.sum()) == len(chunks[0])

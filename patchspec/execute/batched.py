@@ -89,14 +89,13 @@ def chunk_writes(grid: Grid, cells: np.ndarray, device: torch.device, memo: dict
     sizes = grid.sizes
     if grid.explicit is not None:
         return region_writes([grid.explicit[int(i)].regions for i in cells], sizes, device)
-    index = grid.coordinate_indices(cells)
     writes: list[Write] = []
     for part in grid.parts:
         if part.vectorised:
-            writes += part_writes(grid, part, index, sizes, device, memo)
+            writes += part_writes(grid, part, cells, sizes, device, memo)
             continue
         per_cell = []
-        for row in index:
+        for row in grid.coordinate_indices(cells):
             coords = {a.name: a.values[int(row[part.first + j])] for j, a in enumerate(part.axes)}
             per_cell.append(regions_of(part.spec, coords, sizes, grid.positions))
         writes += region_writes(per_cell, sizes, device)

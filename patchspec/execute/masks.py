@@ -119,7 +119,7 @@ class _PartLayout:
     each; fixed selections are built once.
     """
 
-    columns: np.ndarray  # grid dims of the swept index axes, in activation-axis order
+    columns: np.ndarray  # grid dims of the swept index axes (activation-axis order), then layer
     lookup: np.ndarray  # every axis's coordinate values plus its block's start, concatenated
     starts: np.ndarray  # where each axis's coordinates begin in ``lookup``
     blocks: tuple[tuple[int, int, int], ...]  # (activation axis, start, size) per index axis
@@ -127,7 +127,6 @@ class _PartLayout:
     named: tuple[tuple[int, int, torch.Tensor, int], ...]  # (axis, grid dim, table, size)
     fixed: tuple[tuple[int, torch.Tensor], ...]
     layer_column: int | None
-    layer_values: np.ndarray | None
     source_column: int | None
     name: str
     ndim: int
@@ -157,6 +156,9 @@ def _prepare(part: Part, sizes: Sizes, device: torch.device) -> _PartLayout:
                 fixed.append((axis_no, _fixed_factor(selection, size, device)))
     layer_j = part.axis_index("layer")
     source_j = part.axis_index("source")
+    if layer_j is not None:  # gathered with the index axes, after them, with no offset
+        columns.append(part.first + layer_j)
+        values.append(np.asarray(part.axes[layer_j].values, dtype=np.int64))
     return _PartLayout(
         columns=np.asarray(columns, dtype=np.int64),
         lookup=np.concatenate(values) if values else np.zeros(0, dtype=np.int64),
@@ -166,9 +168,6 @@ def _prepare(part: Part, sizes: Sizes, device: torch.device) -> _PartLayout:
         named=tuple(named),
         fixed=tuple(fixed),
         layer_column=None if layer_j is None else part.first + layer_j,
-        layer_values=None
-        if layer_j is None
-        else np.asarray(part.axes[layer_j].values, dtype=np.int64),
         source_column=None if source_j is None else part.first + source_j,
         name=part.layout.name,
         ndim=len(part.layout.dims),
@@ -178,7 +177,7 @@ def _prepare(part: Part, sizes: Sizes, device: torch.device) -> _PartLayout:
 def _groups(column: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
     """``(value, which rows)`` per distinct value; ``None`` rows when every row has it."""
     first = column[0]
-    if (column == first).all():
+    if first == column[-1] and (column == first).all():
         return [(int(first), None)]
     return [(int(v), column == v) for v in np.unique(column)]
 
@@ -186,7 +185,7 @@ def _groups(column: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
 def part_writes(
     grid: Grid,
     part: Part,
-    index: np.ndarray,
+    cells: np.ndarray,
     sizes: Sizes,
     device: torch.device,
     memo: dict[Hashable, Any],
@@ -196,7 +195,7 @@ def part_writes(
     Args:
         grid: The grid.
         part: One of its parts.
-        index: ``[K, dims]`` coordinate indices of the chunk's cells.
+        cells: Flat indices of the chunk's cells.
         sizes: Sizes of the model and inputs.
         device: Where masks are built.
         memo: Per-task cache (the part's prepared layout).
@@ -204,25 +203,32 @@ def part_writes(
     prep: _PartLayout | None = memo.get(id(part))
     if prep is None:
         prep = memo[id(part)] = _prepare(part, sizes, device)
-    copies = index.shape[0]
-    factors: list[tuple[int, torch.Tensor]] = []
+    copies = cells.shape[0]
+    picked = prep.lookup[grid.columns(cells, prep.columns) + prep.starts]
     packed = None
     if prep.blocks:
-        packed = scatter(prep.lookup[index[:, prep.columns] + prep.starts], prep.total, device)
-    for axis, column, table, size in prep.named:
-        rows = table[torch.from_numpy(np.ascontiguousarray(index[:, column])).to(device)]
-        factors.append((axis, _one_hot(rows, size)))
-    factors += prep.fixed
+        packed = scatter(picked[:, : len(prep.blocks)], prep.total, device)
+    factors = prep.fixed
+    if prep.named:
+        named = []
+        for axis, column, table, size in prep.named:
+            at = grid.columns(cells, np.asarray([column]))[:, 0]
+            rows = table[torch.from_numpy(np.ascontiguousarray(at)).to(device)]
+            named.append((axis, _one_hot(rows, size)))
+        factors = (*named, *factors)
     if prep.layer_column is None:
         layers: list[tuple[int, np.ndarray | None]] = [(layer, None) for layer in part.layers]
     else:
-        assert prep.layer_values is not None
-        layers = _groups(prep.layer_values[index[:, prep.layer_column]])
+        layers = _groups(picked[:, -1])
     if prep.source_column is None:
-        sources: list[tuple[Source, np.ndarray | None]] = [(part.spec.source, None)]
+        key = ("source", id(part))
+        if key not in memo:
+            memo[key] = part.source(part.spec.source, grid.positions)
+        sources: list[tuple[Source, np.ndarray | None]] = [(memo[key], None)]
     else:
         listed = part.axes[part.axis_index("source") or 0].values
-        sources = [(listed[s], rows) for s, rows in _groups(index[:, prep.source_column])]
+        by_source = grid.columns(cells, np.asarray([prep.source_column]))[:, 0]
+        sources = [(listed[s], rows) for s, rows in _groups(by_source)]
     writes: list[Write] = []
     for layer, at_layer in layers:
         for source, of_source in sources:
@@ -236,8 +242,10 @@ def part_writes(
                     if sel is not None:
                         chosen &= sel
                 active = torch.from_numpy(chosen).to(device)
-            mask = Mask(active, tuple(factors), prep.ndim, packed, prep.blocks)
-            writes.append((prep.name, layer, part.source(source, grid.positions), mask))
+            mask = Mask(active, factors, prep.ndim, packed, prep.blocks)
+            if prep.source_column is not None:
+                source = part.source(source, grid.positions)
+            writes.append((prep.name, layer, source, mask))
     return writes
 
 

@@ -170,6 +170,13 @@ class Grid:
         shape, strides = self._strides
         return (flat[:, None] // strides) % shape
 
+    def columns(self, cells: np.ndarray, dims: np.ndarray) -> np.ndarray:
+        """``[len(cells), len(dims)]``: the coordinate indices along grid dims ``dims`` only."""
+        if self.rows is not None:
+            return self.rows[cells][:, dims]
+        shape, strides = self._strides
+        return (cells[:, None] // strides[dims]) % shape[dims]
+
     def labels(self, cell: int) -> tuple[Any, ...]:
         """The coordinate label of ``cell`` along each dim."""
         if self.explicit is not None:

@@ -851,9 +851,8 @@ def test_part_masks_match_an_oracle(spec):
     assert grid.vectorised
     rng = np.random.default_rng(len(spec.label))
     cells = rng.choice(grid.n_cells, size=min(grid.n_cells, 9), replace=grid.n_cells < 9)
-    index = grid.coordinate_indices(cells)
     memo: dict[Any, Any] = {}
-    writes = [w for part in grid.parts for w in part_writes(grid, part, index, sizes, CPU, memo)]
+    writes = [w for part in grid.parts for w in part_writes(grid, part, cells, sizes, CPU, memo)]
     got = _dense(writes, len(cells), sizes)
     regions = [grid.cell(int(c)).regions for c in cells]
     sites = {(r.activation, r.layer) for rs in regions for r in rs}

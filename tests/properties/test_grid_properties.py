@@ -42,7 +42,7 @@ def check_masks(grid, cells: np.ndarray) -> None:
     sizes = grid.sizes
     writes = []
     for part in grid.parts:
-        writes += part_writes(grid, part, grid.coordinate_indices(cells), sizes, CPU, {})
+        writes += part_writes(grid, part, cells, sizes, CPU, {})
     got: dict[tuple[int, str, int, str], np.ndarray] = {}
     for activation, layer, source, mask in writes:
         dense = np.broadcast_to(
