@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from patchspec.errors import InputError, MetricError
+from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Task
 from patchspec.execute.registry import executor_for, make_estimator
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics
@@ -122,6 +122,19 @@ class Run:
                     tokens=session.tokens("corrupted"),
                 )
         return self._context["context"]  # type: ignore[no-any-return]
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """Weights fingerprint, tokens hash and versions, computed once for every spec of the run."""
+        if "provenance" not in self._context:
+            session = self.session
+            self._context["provenance"] = provenance(
+                self.adapter,
+                session.clean_tokens,
+                session.corrupted_tokens,
+                full_hash=self.options.hash_weights,
+            )
+        return self._context["provenance"]  # type: ignore[no-any-return]
 
     @property
     def labels(self) -> list[str] | None:
@@ -276,9 +289,8 @@ def label(
     """One spec's values as a labelled DataArray with baselines and provenance in attrs."""
     try:
         spec_attr: Any = spec.to_dict()
-    except Exception:  # a custom rule is code: keep its repr
+    except SpecError:  # a custom rule is code: keep its repr
         spec_attr = repr(spec)
-    session = run.session
     estimator = run.estimator
     attributes: dict[str, Any] = {
         "spec": spec_attr,
@@ -293,10 +305,7 @@ def label(
         "estimator": estimator.name,
         "exact": bool(estimator.exact),
         "executor": run.executor.name,
-        **provenance(
-            run.adapter, session.clean_tokens, session.corrupted_tokens,
-            full_hash=run.options.hash_weights,
-        ),
+        **run.provenance,
     }
     if grid.positions is not None:
         attributes["positions"] = {

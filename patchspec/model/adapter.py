@@ -251,12 +251,6 @@ class ModelAdapter:
             logits, cache = self.run_with_cache(tokens, hook_names)
         return logits, cache, self.checked(recorder.replay(int(tokens.shape[0])), logits)
 
-    def replay(self, tokens: Int[torch.Tensor, "batch pos"]) -> Replay | None:
-        """A checked replay of ``tokens`` from a pass of its own (``None``: this model cannot be
-        replayed exactly)."""
-        replay, logits = Replay.capture(self.model, tokens)
-        return self.checked(replay, logits)
-
     def checked(self, replay: Replay | None, logits: torch.Tensor) -> Replay | None:
         """``replay`` if replaying it reproduces ``logits`` (the model's own pass), else ``None``.
 

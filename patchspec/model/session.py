@@ -187,10 +187,7 @@ class Session:
     def replay(self, which: Receiver) -> Replay | None:
         """The checked replay of one receiving run, recorded during its unpatched pass."""
         if which not in self._replays:
-            if which in self._logits:  # e.g. logits given from elsewhere: record a pass now
-                self._replays[which] = self.adapter.replay(self.tokens(which))
-            else:
-                self._run(which)
+            self._run(which)
         return self._replays[which]
 
     def position_axes(self, hook_name: str) -> tuple[int, ...]:
