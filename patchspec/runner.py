@@ -271,6 +271,25 @@ def run_grid(
     return values, evaluate, clean_base, corrupted_base
 
 
+#: What a patch does, by the run that receives it and where the values come from.
+DIRECTIONS = ("denoising", "noising", "ablation")
+
+
+def direction(receiver: Receiver, kinds: Sequence[str]) -> str:
+    """``"denoising"`` (clean values into the corrupted run), ``"noising"`` (corrupted values
+    into the clean run) or ``"ablation"`` (any other source, into either run).
+
+    Example:
+        >>> direction("corrupted", ["clean"]), direction("clean", ["corrupted"]), direction("clean", ["mean"])
+        ('denoising', 'noising', 'ablation')
+    """
+    if receiver == "corrupted" and set(kinds) == {"clean"}:
+        return "denoising"
+    if receiver == "clean" and set(kinds) == {"corrupted"}:
+        return "noising"
+    return "ablation"
+
+
 def _plain(value: torch.Tensor | None) -> Any:
     if value is None:
         return None
@@ -297,6 +316,8 @@ def label(
         "spec_name": spec.label,
         "activation": "&".join(part.activation for part in spec.parts),
         "source": ", ".join(dict.fromkeys(s.kind for s in spec.sources)),
+        "receiver": grid.receiver,
+        "direction": direction(grid.receiver, [s.kind for s in spec.sources]),
         "sources": [s.to_dict() for s in spec.sources],
         "metric": ", ".join(evaluate.names),
         "clean_baseline": _plain(clean_base),
