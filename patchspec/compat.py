@@ -41,6 +41,7 @@ from patchspec import runner
 from patchspec.catalog import STACKS, TABLE, Entry, Stack
 from patchspec.errors import PatchSpecError, SpecError
 from patchspec.layouts import layout
+from patchspec.model.adapter import ModelAdapter
 from patchspec.options import RunOptions
 from patchspec.plan.cells import Cell, Region, normalise_int
 from patchspec.plan.grid import Grid, compile, explicit_grid
@@ -272,31 +273,32 @@ def generic_activation_patch(
         raise PatchSpecError("give index_axis_names or index_df")
     if index_df is not None and index_axis_names is not None:
         raise PatchSpecError("give index_axis_names or index_df, not both")
-    run = runner.prepare(
-        model,
-        None,
-        corrupted_tokens,
-        metrics,
-        options=RunOptions(engine=engine, progress=progress),
-        clean_cache=clean_cache,
-    )
-    sizes = run.sizes
-    flat = index_df is not None
-    if index_df is None:
-        ranges = [_axis_size(name, activation_name, sizes) for name in index_axis_names or ()]
-        index_df = make_df_from_ranges(ranges, list(index_axis_names or ()))
-        rows: list[tuple[int, ...]] = list(itertools.product(*(range(r) for r in ranges)))
-        cell_shape: tuple[int, ...] = tuple(ranges)
-    else:
-        rows = [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)]
-        cell_shape = (len(rows),)
-    grid = run.add(_grid(activation_name, patch_setter, rows, sizes))
-    batch = run.session.batch
-    with torch.inference_mode():
-        corrupted_logits = run.session.logits("corrupted")
-        for name, fn in metrics.items():
-            _check_metric(name, torch.as_tensor(fn(corrupted_logits)), reduce, batch)
-    values, _evaluate, _clean, base = runner.run_grid(run, grid, activation_name)
+    with ModelAdapter.of(model).exclusive():  # one sweep of a model at a time
+        run = runner.prepare(
+            model,
+            None,
+            corrupted_tokens,
+            metrics,
+            options=RunOptions(engine=engine, progress=progress),
+            clean_cache=clean_cache,
+        )
+        sizes = run.sizes
+        flat = index_df is not None
+        if index_df is None:
+            ranges = [_axis_size(name, activation_name, sizes) for name in index_axis_names or ()]
+            index_df = make_df_from_ranges(ranges, list(index_axis_names or ()))
+            rows: list[tuple[int, ...]] = list(itertools.product(*(range(r) for r in ranges)))
+            cell_shape: tuple[int, ...] = tuple(ranges)
+        else:
+            rows = [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)]
+            cell_shape = (len(rows),)
+        grid = run.add(_grid(activation_name, patch_setter, rows, sizes))
+        batch = run.session.batch
+        with torch.inference_mode():
+            corrupted_logits = run.session.logits("corrupted")
+            for name, fn in metrics.items():
+                _check_metric(name, torch.as_tensor(fn(corrupted_logits)), reduce, batch)
+        values, _evaluate, _clean, base = runner.run_grid(run, grid, activation_name)
     per_example = reduce != "scalar"
     store = values.float().to(getattr(model.cfg, "device", None) or values.device)
     store = store.movedim(0, 1).reshape((len(metrics), *cell_shape, *((batch,) if per_example else ())))

@@ -32,6 +32,7 @@ from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics
 from patchspec.model.adapter import ModelAdapter
 from patchspec.model.session import Session, prompt_texts
 from patchspec.options import RunOptions
+from patchspec.plan.conflicts import check_conflicts
 from patchspec.plan.grid import Grid, compile
 from patchspec.plan.positions import Positions, PositionTable, resolve_positions
 from patchspec.plan.sizes import Sizes
@@ -103,6 +104,7 @@ class Run:
             InputError: the unpatched runs were already made without its activations.
         """
         self.adapter.check_hooks(grid.sites)
+        check_conflicts(grid)
         missing = set(grid.hook_names) - self.session.hook_names
         if missing and "context" in self._context:
             raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")
@@ -363,6 +365,30 @@ def run_specs(
     """
     if clean is None:
         raise InputError("clean prompts are required (give prompts or tokens, not None)")
+    with ModelAdapter.of(model).exclusive():
+        return _run_specs(
+            specs,
+            model,
+            clean,
+            corrupted,
+            metric,
+            options=options,
+            positions=positions,
+            reference=reference,
+        )
+
+
+def _run_specs(
+    specs: Sequence[AnySpec],
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    metric: Any,
+    *,
+    options: RunOptions,
+    positions: PositionTable | tuple[PositionTable, PositionTable] | None,
+    reference: Any,
+) -> list[xr.DataArray]:
     run = prepare(
         model, clean, corrupted, metric, options=options, positions=positions, reference=reference
     )

@@ -172,7 +172,7 @@ def test_training_mode_is_refused(gpt2, tokens):
     """A model in training mode is a clear error before any forward pass."""
     gpt2.train()
     try:
-        with pytest.raises(InputError, match=r"the model is in training mode .*call model.eval\(\)"):
+        with pytest.raises(InputError, match=r"evaluation mode; found training mode at .*Call model.eval\(\)"):
             catalog.RESID_PRE.run(gpt2, *tokens, logit_diff_metric, **REF)
     finally:
         gpt2.eval()

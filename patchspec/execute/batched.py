@@ -29,7 +29,7 @@ import attrs
 import numpy as np
 import torch
 
-from patchspec.execute.hooks import FireCounter, Hook
+from patchspec.execute.hooks import FireCounter, Hook, ordered
 from patchspec.execute.masks import Write, part_writes, region_writes
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.execute.schedule import choose_cells_per_batch, chunks_by_start
@@ -171,7 +171,7 @@ class BatchedEstimator:
                 mask.dense(),
                 copies=len(chunk),
             )
-        return hooks
+        return ordered(hooks)
 
     def estimate(self, task: Task, chunk: Chunk) -> torch.Tensor:
         """The values of one chunk's cells, from one forward pass of ``len(chunk)`` copies.

@@ -15,7 +15,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from patchspec.execute.hooks import FireCounter, Hook
+from patchspec.execute.hooks import DERIVED, READ, WRITE, FireCounter, Hook, ordered, phased
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.layouts import layout
 from patchspec.model.adapter import ModelAdapter
@@ -67,12 +67,12 @@ def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) 
         def write(act: torch.Tensor, hook: object) -> torch.Tensor:
             return assign(act, values.to(act.dtype) - seen.pop("resid_pre"))
 
-        return [(points[0], read), (points[1], write)]
+        return [(points[0], phased(read, READ)), (points[1], phased(write, DERIVED))]
 
     def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
         return assign(act, values)
 
-    return [(points[0], overwrite)]
+    return [(points[0], phased(overwrite, WRITE))]
 
 
 @attrs.frozen
@@ -103,8 +103,8 @@ class ReferenceEstimator:
                 hooks: list[Hook] = []
                 for region in cell.regions:
                     values = region.source.values(region.hook_name, session)
-                    hooks += counter.counted(indexing_hooks(adapter, region, values))
-                logits = adapter.run_with_hooks(tokens, hooks)
+                    hooks += indexing_hooks(adapter, region, values)
+                logits = adapter.run_with_hooks(tokens, counter.counted(ordered(hooks)))
                 counter.check()
                 out.append(task.evaluate(logits, int(flat)))
         return torch.stack(out)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from patchspec.execute.hooks import Hook
+from patchspec.execute.hooks import DERIVED, READ, WRITE, Hook, phased
 from patchspec.layouts import Writer
 
 
@@ -58,11 +58,14 @@ def write_hooks(
             resid_pre = seen.pop("resid_pre").unflatten(0, (copies, -1))
             return write(act, target(act) - resid_pre)
 
-        return [(pre_name, read_resid_pre), (attn_out_name, write_attn_out)]
+        return [
+            (pre_name, phased(read_resid_pre, READ)),
+            (attn_out_name, phased(write_attn_out, DERIVED)),
+        ]
 
     (hook_name,) = points
 
     def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
         return write(act, target(act))
 
-    return [(hook_name, overwrite)]
+    return [(hook_name, phased(overwrite, WRITE))]

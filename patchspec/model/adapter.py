@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -45,6 +46,10 @@ GATES: dict[str, tuple[str, str]] = {
 SAMPLE = 64
 
 _ADAPTERS: weakref.WeakKeyDictionary[Any, ModelAdapter] = weakref.WeakKeyDictionary()
+#: One re-entrant lock per model object: its hooks are state shared by every thread.
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+#: Guards the two tables above.
+_TABLES = threading.Lock()
 
 
 class ModelAdapter:
@@ -80,15 +85,37 @@ class ModelAdapter:
         """
         if isinstance(model, ModelAdapter):
             return model
+        with _TABLES:
+            try:
+                adapter = _ADAPTERS.get(model)
+            except TypeError:  # not weak-referenceable
+                return cls(model)
+            if adapter is None:
+                adapter = cls(model)
+                with contextlib.suppress(TypeError):
+                    _ADAPTERS[model] = adapter
+            return adapter
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the model's lock for the block: sweeps of one model from several threads run
+        one after the other (their hooks would otherwise fire on each other's passes).
+
+        The lock belongs to the model object, whichever adapter wraps it, and is re-entrant:
+        a sweep started inside another on the same thread (e.g. from a metric) does not wait.
+        """
+        with _TABLES:
+            try:
+                lock = _LOCKS.setdefault(self.model, threading.RLock())
+            except TypeError:  # not weak-referenceable: one lock per adapter
+                lock = self.__dict__.setdefault("_lock", threading.RLock())
+        if not lock.acquire(blocking=False):
+            log.debug("model %s is busy in another thread; waiting for it", self.name)
+            lock.acquire()
         try:
-            adapter = _ADAPTERS.get(model)
-        except TypeError:  # not weak-referenceable
-            return cls(model)
-        if adapter is None:
-            adapter = cls(model)
-            with contextlib.suppress(TypeError):
-                _ADAPTERS[model] = adapter
-        return adapter
+            yield
+        finally:
+            lock.release()
 
     # --- what the model is --------------------------------------------------------------------
     @property
@@ -145,13 +172,23 @@ class ModelAdapter:
         Raises:
             InputError: some module of the model is in training mode.
         """
-        modules = getattr(self.model, "named_modules", lambda: iter(()))()
-        training = [name or "<root>" for name, m in modules if m.training]
+        # TransformerLens's wording ("evaluation mode"), which code may match on; the wrapped
+        # HuggingFace model counts too.
+        found: dict[int, str] = {}
+        roots = (("", self.model), ("original_model", getattr(self.model, "original_model", None)))
+        for prefix, root in roots:
+            if not isinstance(root, torch.nn.Module):
+                continue
+            for name, module in root.named_modules():
+                if module.training:
+                    found.setdefault(id(module), ".".join(p for p in (prefix, name) if p) or "<root>")
+        training = list(found.values())
         if training:
             more = f" and {len(training) - 3} more" if len(training) > 3 else ""
             raise InputError(
-                f"the model is in training mode ({', '.join(training[:3])}{more}); call "
-                "model.eval() before patching"
+                "patching requires the model and all submodules to be in evaluation mode; found "
+                f"training mode at {', '.join(training[:3])}{more}. Call model.eval() before "
+                "patching"
             )
 
     # --- hooks --------------------------------------------------------------------------------
