@@ -105,6 +105,8 @@ class Run:
         """
         self.adapter.check_hooks(grid.sites)
         check_conflicts(grid)
+        for source in dict.fromkeys(s for part in grid.parts for s in part.spec.sources):
+            source.check(self.session)
         missing = set(grid.hook_names) - self.session.hook_names
         if missing and "context" in self._context:
             raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")

@@ -66,11 +66,32 @@ class Runs(Protocol):
         ...
 
 
+class Inputs(Protocol):
+    """What a source may check before any forward pass (a :class:`~patchspec.model.session.Session`)."""
+
+    @property
+    def batch(self) -> int:
+        """Number of prompts."""
+        ...
+
+    def check_reference(self, name: str) -> None:
+        """Raise unless the reference dataset ``name`` was given and fits the sweep's prompts."""
+        ...
+
+
 @attrs.frozen
 class Source:
     """Base class of value sources; subclasses set ``kind`` and implement :meth:`values`."""
 
     kind: ClassVar[str] = "source"
+    #: Whether the values come from the other run (an interchange, as ``Clean``/``Corrupted``)
+    #: rather than being made from the receiving run (an ablation). Where parts of a joint
+    #: patch overlap, interchanges are written last and win.
+    interchange: ClassVar[bool] = False
+
+    def check(self, inputs: Inputs) -> None:
+        """Raise an :class:`~patchspec.errors.InputError` now if :meth:`values` would fail on
+        these inputs; called for every source of every spec before the first forward pass."""
 
     @property
     def receiver(self) -> Receiver:
@@ -110,6 +131,7 @@ class Clean(Source):
     """Denoising: write the clean run's activation into the corrupted run (the default)."""
 
     kind: ClassVar[str] = "clean"
+    interchange: ClassVar[bool] = True
 
     def values(self, hook_name: str, runs: Runs) -> torch.Tensor:
         """The clean run's activation."""
@@ -121,6 +143,7 @@ class Corrupted(Source):
     """Noising: write the corrupted run's activation into the clean run."""
 
     kind: ClassVar[str] = "corrupted"
+    interchange: ClassVar[bool] = True
 
     @property
     def receiver(self) -> Receiver:
@@ -283,6 +306,11 @@ class Mean(Source):
         """Only the receiving run."""
         return (self.receiver,)
 
+    def check(self, inputs: Inputs) -> None:
+        """A reference dataset must have been given, with the sweep's token length."""
+        if self.over != "batch":
+            inputs.check_reference(self.over)
+
 
 @attrs.frozen
 class Resample(Source):
@@ -329,6 +357,10 @@ class Resample(Source):
             perm = torch.randperm(batch, generator=gen)
             if not bool((perm == identity).any()):
                 return tuple(int(i) for i in perm)
+
+    def check(self, inputs: Inputs) -> None:
+        """At least two prompts."""
+        self.permutation(inputs.batch)
 
     def values(self, hook_name: str, runs: Runs) -> torch.Tensor:
         """The donor run's activation with its prompts permuted."""

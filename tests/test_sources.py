@@ -345,7 +345,7 @@ def test_missing_or_mismatched_reference_dataset(gpt2, data):
     ):
         spec.run(gpt2, data["clean"], data["corrupted"], per_example_metric, engine="reference")
     with pytest.raises(
-        InputError, match=r"reference dataset 'ioi' gives activation .* same token length"
+        InputError, match=r"reference dataset 'ioi' has prompts of .* same token length"
     ):
         spec.run(
             gpt2,

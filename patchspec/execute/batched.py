@@ -29,7 +29,7 @@ import attrs
 import numpy as np
 import torch
 
-from patchspec.execute.hooks import FireCounter, Hook, ordered
+from patchspec.execute.hooks import FireCounter, Hook, ordered, write_phase
 from patchspec.execute.masks import Write, part_writes, region_writes
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.execute.schedule import choose_cells_per_batch, chunks_by_start
@@ -170,6 +170,7 @@ class BatchedEstimator:
                 values,
                 mask.dense(),
                 copies=len(chunk),
+                phase=write_phase(source, derived=layout(activation).writer == "resid_mid"),
             )
         return ordered(hooks)
 

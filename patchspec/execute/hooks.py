@@ -8,13 +8,23 @@ from typing import Any
 import torch
 
 from patchspec.errors import HookError
+from patchspec.sources import Source
 
 Hook = tuple[str, Callable[..., Any]]
 
-#: Phases of the hooks registered at one hook point, run in this order whatever the order of a
-#: joint patch's parts: plain writes, then writes derived from other activations (``resid_mid``
-#: rewrites ``attn_out`` from the patched ``resid_pre``), then reads for such derived writes.
-WRITE, DERIVED, READ = 0, 1, 2
+#: The last phase: reads of an upstream activation for a derived write (``resid_mid``).
+READ = 4
+
+
+def write_phase(source: Source, *, derived: bool) -> int:
+    """When a write runs among the hooks of its hook point (see :func:`ordered`).
+
+    Plain writes come before derived ones (``resid_mid`` rewrites ``attn_out`` from the
+    patched ``resid_pre``), and within each, ablations (values made from the receiving run:
+    zero, mean, resample, noise) before values from the other run, which therefore win where
+    the two overlap: causal tracing noises the subject and restores one clean state there.
+    """
+    return 2 * int(derived) + int(source.interchange)
 
 
 def phased(fn: Callable[..., Any], phase: int) -> Callable[..., Any]:
@@ -27,15 +37,16 @@ def ordered(hooks: list[Hook]) -> list[Hook]:
     """``hooks`` in phase order (stable), so that a joint patch does not depend on its order.
 
     TransformerLens runs the hooks of one hook point in registration order; reading
-    ``resid_pre`` for a ``resid_mid`` write must come after every write to ``resid_pre``, and
-    the derived ``attn_out`` write after the plain ones.
+    ``resid_pre`` for a ``resid_mid`` write must come after every write to ``resid_pre``, the
+    derived ``attn_out`` write after the plain ones, and of two overlapping writes the one that
+    wins must not be the one registered last.
 
     Example:
-        >>> read, write = phased(lambda a, h: None, READ), phased(lambda a, h: a, WRITE)
+        >>> read, write = phased(lambda a, h: None, READ), phased(lambda a, h: a, 0)
         >>> [fn is write for _, fn in ordered([("x", read), ("x", write)])]
         [True, False]
     """
-    return sorted(hooks, key=lambda hook: getattr(hook[1], "phase", WRITE))
+    return sorted(hooks, key=lambda hook: getattr(hook[1], "phase", 0))
 
 
 class FireCounter:

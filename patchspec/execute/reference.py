@@ -15,7 +15,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from patchspec.execute.hooks import DERIVED, READ, WRITE, FireCounter, Hook, ordered, phased
+from patchspec.execute.hooks import READ, FireCounter, Hook, ordered, phased, write_phase
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.layouts import layout
 from patchspec.model.adapter import ModelAdapter
@@ -50,6 +50,8 @@ def _indices(region: Region, shape: torch.Size, device: torch.device) -> Iterato
 def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) -> list[Hook]:
     """Hooks writing ``values`` into ``region`` by plain indexing (``resid_mid``: via attn_out)."""
     points = adapter.write_points(region.activation, region.layer)
+    derived = layout(region.activation).writer == "resid_mid"
+    phase = write_phase(region.source, derived=derived)
 
     def assign(act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         out = act.clone()
@@ -58,7 +60,7 @@ def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) 
             out[index] = new[index]
         return out
 
-    if layout(region.activation).writer == "resid_mid":
+    if derived:
         seen: dict[str, torch.Tensor] = {}
 
         def read(act: torch.Tensor, hook: object) -> None:
@@ -67,12 +69,12 @@ def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) 
         def write(act: torch.Tensor, hook: object) -> torch.Tensor:
             return assign(act, values.to(act.dtype) - seen.pop("resid_pre"))
 
-        return [(points[0], phased(read, READ)), (points[1], phased(write, DERIVED))]
+        return [(points[0], phased(read, READ)), (points[1], phased(write, phase))]
 
     def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
         return assign(act, values)
 
-    return [(points[0], phased(overwrite, WRITE))]
+    return [(points[0], phased(overwrite, phase))]
 
 
 @attrs.frozen

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from patchspec.execute.hooks import DERIVED, READ, WRITE, Hook, phased
+from patchspec.execute.hooks import READ, Hook, phased
 from patchspec.layouts import Writer
 
 
@@ -25,6 +25,7 @@ def write_hooks(
     mask: torch.Tensor,
     *,
     copies: int = 1,
+    phase: int = 0,
 ) -> list[Hook]:
     """Forward hooks that write ``values`` into the activation where ``mask``.
 
@@ -35,6 +36,7 @@ def write_hooks(
         values: ``[batch, ...]`` patched values.
         mask: ``[copies, 1 | batch, ...]`` booleans broadcasting against the activation.
         copies: Number of stacked copies of the batch in the activation.
+        phase: The phase of the write (:func:`patchspec.execute.hooks.write_phase`).
     """
     cast: dict[torch.dtype, torch.Tensor] = {}
 
@@ -60,7 +62,7 @@ def write_hooks(
 
         return [
             (pre_name, phased(read_resid_pre, READ)),
-            (attn_out_name, phased(write_attn_out, DERIVED)),
+            (attn_out_name, phased(write_attn_out, phase)),
         ]
 
     (hook_name,) = points
@@ -68,4 +70,4 @@ def write_hooks(
     def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
         return write(act, target(act))
 
-    return [(hook_name, phased(overwrite, WRITE))]
+    return [(hook_name, phased(overwrite, phase))]

@@ -267,15 +267,8 @@ class Session:
         Raises:
             InputError: no reference dataset of that name was passed to the sweep.
         """
-        if name not in self._references:
-            given = ", ".join(map(repr, self._references)) or "none"
-            raise InputError(
-                f"Mean(over={name!r}) needs a reference dataset {name!r}; pass "
-                f"reference=tokens (named 'reference') or reference={{{name!r}: tokens}} to "
-                f"run() (given: {given})"
-            )
         if name not in self._reference_caches:
-            tokens = to_tokens(self.model, self._references[name], f"reference {name!r}")
+            tokens = self._reference_tokens(name)
             _, self._reference_caches[name] = self.adapter.run_with_cache(tokens, self.hook_names)
         try:
             return self._reference_caches[name][hook_name]
@@ -283,3 +276,27 @@ class Session:
             raise InputError(
                 f"the reference dataset {name!r} has no activation {hook_name!r}"
             ) from None
+
+    def _reference_tokens(self, name: str) -> Tokens:
+        if name not in self._references:
+            given = ", ".join(map(repr, self._references)) or "none"
+            raise InputError(
+                f"Mean(over={name!r}) needs a reference dataset {name!r}; pass "
+                f"reference=tokens (named 'reference') or reference={{{name!r}: tokens}} to "
+                f"run() (given: {given})"
+            )
+        return to_tokens(self.model, self._references[name], f"reference {name!r}")
+
+    def check_reference(self, name: str) -> None:
+        """Raise unless the reference dataset ``name`` was given with the prompts' token length.
+
+        Raises:
+            InputError: no such dataset, or its prompts have another token length.
+        """
+        seq = int(self._reference_tokens(name).shape[1])
+        if seq != self.seq:
+            raise InputError(
+                f"reference dataset {name!r} has prompts of {seq} tokens, but the sweep's "
+                f"prompts have {self.seq}; a mean over a reference dataset needs prompts of the "
+                "same token length"
+            )

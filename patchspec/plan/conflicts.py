@@ -1,11 +1,14 @@
 """Joint patches whose parts would write one element with different values.
 
-Where two parts of a joint spec write the same activation element, the value written would
-depend on the order of the parts (the later hook wins), so ``a & b`` and ``b & a`` would
-disagree. Parts with the same sources write the same values, and parts whose layers or
-indices cannot meet never collide; any other pair is refused before the first forward pass.
-The check is conservative: it reasons on the selections each part may make over all its
-cells, not cell by cell.
+Where two parts of a joint spec write the same activation element, the hooks alone would let
+the part registered last win, so ``a & b`` and ``b & a`` would disagree. The engines order the
+writes instead (:func:`patchspec.execute.hooks.write_phase`): values from the other run
+(``Clean``, ``Corrupted``) win over ablations (zero, mean, resample, noise) where they overlap,
+which is causal tracing's "noise the subject, restore one clean state". Parts with the same
+sources write the same values, and parts whose layers or indices cannot meet never collide.
+What is left, two different ablations (or two interchanges) that may write one element, has no
+order-free meaning and is refused before the first forward pass. The check is conservative:
+it reasons on the selections each part may make over all its cells, not cell by cell.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ def _indices(part: Part, dim: str) -> frozenset[int] | None:
     return _ANY
 
 
-def _sources(part: Part) -> frozenset[str]:
-    return frozenset(source.label for source in part.spec.sources)
+def _sources(part: Part, interchange: bool) -> frozenset[str]:
+    return frozenset(s.label for s in part.spec.sources if s.interchange == interchange)
 
 
 def _may_meet(a: Part, b: Part) -> bool:
@@ -51,11 +54,11 @@ def _may_meet(a: Part, b: Part) -> bool:
 
 
 def check_conflicts(grid: Grid) -> None:
-    """Refuse a joint grid whose parts may write one element with different sources.
+    """Refuse a joint grid two of whose parts may write one element with values that neither
+    precedes (two different ablations, or two different interchanges).
 
     Raises:
-        SpecError: two parts patch the same activation where they may overlap, with different
-            sources; the message names both parts, their sources and the layers they share.
+        SpecError: the message names both parts, their sources and the layers they share.
     """
     parts = grid.parts
     for i, a in enumerate(parts):
@@ -63,14 +66,20 @@ def check_conflicts(grid: Grid) -> None:
             b = parts[j]
             if a.spec.activation != b.spec.activation:
                 continue
-            sources = _sources(a) | _sources(b)
-            if len(sources) < 2 or not _may_meet(a, b):
+            clash = [
+                _sources(a, kind) | _sources(b, kind)
+                for kind in (False, True)
+                if _sources(a, kind) and _sources(b, kind)
+            ]
+            sources = next((found for found in clash if len(found) > 1), None)
+            if sources is None or not _may_meet(a, b):
                 continue
             shared = sorted(set(a.layers) & set(b.layers))
             raise SpecError(
                 f"parts {i} ({a.spec!r}) and {j} ({b.spec!r}) of a joint spec both write "
                 f"{a.spec.activation!r} at layers {shared} with different sources "
                 f"({', '.join(sorted(sources))}); where they overlap the result would depend on "
-                "the order of the parts. Restrict them to disjoint layers, positions or heads, "
-                "or give them the same source"
+                "the order of the parts (only values from the other run take precedence over "
+                "an ablation). Restrict them to disjoint layers, positions or heads, or give "
+                "them the same source"
             )

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from patchspec import PatchSpec, Zero
+from patchspec import Mean, PatchSpec, Zero
 from patchspec.errors import SpecError
 from patchspec.layouts import LAYOUTS
 from tests.conftest import per_example_metric
@@ -53,10 +53,22 @@ def test_resid_mid_written_after_upstream_patches(gpt2, tokens, upstream) -> Non
         np.testing.assert_allclose(result.values, np.broadcast_to(expected, result.shape), atol=1e-5)
 
 
-def test_overlapping_parts_with_different_sources_are_refused(gpt2, tokens) -> None:
-    """Two parts writing one element with different values are refused before any pass."""
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_other_run_values_win_over_an_ablation(gpt2, tokens, engine) -> None:
+    """Where an ablation and a clean patch overlap, the clean values win, in either order."""
     clean, corrupted = tokens
-    a = PatchSpec("resid_pre", axes=("pos",)).sel(layer=1)
+    restore = PatchSpec("resid_pre", axes=()).sel(layer=1)
+    ablate = PatchSpec("resid_pre", axes=("pos",)).sel(layer=1).using(Zero(receiver="corrupted"))
+    for joint in (restore & ablate, ablate & restore):
+        result = joint.run(gpt2, clean, corrupted, per_example_metric, engine=engine)
+        expected = np.asarray(result.attrs["clean_baseline"])
+        np.testing.assert_allclose(result.values, np.broadcast_to(expected, result.shape), atol=1e-5)
+
+
+def test_overlapping_parts_with_different_ablations_are_refused(gpt2, tokens) -> None:
+    """Two ablations writing one element with different values are refused before any pass."""
+    clean, corrupted = tokens
+    a = PatchSpec("resid_pre", axes=("pos",)).sel(layer=1).using(Mean(receiver="corrupted"))
     b = PatchSpec("resid_pre", axes=()).sel(layer=1).using(Zero(receiver="corrupted"))
     calls = []
     handle = gpt2.embed.register_forward_hook(lambda *_: calls.append(1))

@@ -1,0 +1,50 @@
+"""Every spec of a sweep is validated before the first forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from patchspec import Mean, Resample, Sweep, catalog
+from patchspec.errors import InputError
+from tests.conftest import per_example_metric
+
+
+@contextmanager
+def no_forward(model) -> Iterator[None]:
+    """Fail the test if the model's embedding runs (i.e. any forward pass starts)."""
+    calls: list[int] = []
+    handle = model.embed.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield
+    finally:
+        handle.remove()
+    assert calls == [], f"{len(calls)} forward passes ran before the error"
+
+
+@pytest.mark.parametrize(
+    ("bad", "reference", "match"),
+    [
+        (Resample(), None, r"Resample needs at least two prompts .* got 1"),
+        (Mean(over="x"), None, r"Mean\(over='x'\) needs a reference dataset 'x'.*given: none"),
+        (Mean(over="x"), {"y": torch.zeros(1, 6, dtype=torch.long)}, r"given: 'y'"),
+        (Mean(over="x"), {"x": torch.zeros(3, 4, dtype=torch.long)}, r"'x' has prompts of 4 tokens.*have 6"),
+    ],
+)
+def test_second_spec_errors_come_before_the_first_sweep(gpt2, tokens, bad, reference, match) -> None:
+    """An error only the second spec's source causes is raised before any pass of the first."""
+    clean, corrupted = (t[:1] for t in tokens)
+    sweep = Sweep(catalog.RESID_PRE, catalog.HEAD_OUT.using(bad))
+    with no_forward(gpt2), pytest.raises(InputError, match=match):
+        sweep.run(gpt2, clean, corrupted, per_example_metric, reference=reference)
+
+
+def test_swept_sources_are_checked_too(gpt2, tokens) -> None:
+    """A source on the ``source`` axis is checked like a fixed one."""
+    clean, corrupted = (t[:1] for t in tokens)
+    spec = catalog.RESID_PRE.over_sources(Mean(), Resample())
+    with no_forward(gpt2), pytest.raises(InputError, match="at least two prompts"):
+        spec.run(gpt2, clean, corrupted, per_example_metric)
