@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from patchspec.errors import InputError
+
 SPECIALS = ("<bos>", "<pad>", "<unk>")
 Architecture = Literal["gpt2", "qwen2"]
 
@@ -97,7 +99,7 @@ def tiny_model(
             )
         )
     else:
-        raise ValueError(f"architecture must be 'gpt2' or 'qwen2', got {architecture!r}")
+        raise InputError(f"architecture must be 'gpt2' or 'qwen2', got {architecture!r}")
     folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="patchspec-tiny-"))
     hf.save_pretrained(folder)  # type: ignore[operator]
     tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]

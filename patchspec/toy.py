@@ -37,6 +37,8 @@ from typing import Literal
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from patchspec.errors import InputError
+
 __all__ = [
     "TOY_MODEL_DIR",
     "InductionPrompts",
@@ -183,7 +185,7 @@ def induction_prompts(
         An :class:`InductionPrompts` with ``n`` entries in each field.
 
     Raises:
-        ValueError: If ``n < 1``, ``length`` is outside 2..32 or ``corruption`` is unknown.
+        InputError: If ``n < 1``, ``length`` is outside 2..32 or ``corruption`` is unknown.
 
     Example:
         >>> p = induction_prompts(1, length=4, seed=0)
@@ -193,11 +195,11 @@ def induction_prompts(
         True
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise InputError(f"n must be at least 1, got {n}")
     if corruption not in ("answer", "query"):
-        raise ValueError(f"corruption must be 'answer' or 'query', got {corruption!r}")
+        raise InputError(f"corruption must be 'answer' or 'query', got {corruption!r}")
     if not 2 <= length <= _MAX_LENGTH:
-        raise ValueError(f"length must be between 2 and {_MAX_LENGTH}, got {length}")
+        raise InputError(f"length must be between 2 and {_MAX_LENGTH}, got {length}")
     words = _words()
     rng = random.Random(seed)
     clean, corrupted, answer, wrong = [], [], [], []
