@@ -429,6 +429,8 @@ def unsafe_file_name(name: str) -> str | None:
 
 
 def _specs(section: Any, check: _Checker) -> tuple[AnySpec, ...]:
+    if isinstance(section, Mapping):
+        raise check.fail("[specs]", "must be written [[specs]] (two brackets), once per spec")
     if not isinstance(section, list) or not section:
         raise check.fail(
             "[[specs]]", "needs at least one entry (catalog = NAME, or an inline spec)"
@@ -464,6 +466,15 @@ def _specs(section: Any, check: _Checker) -> tuple[AnySpec, ...]:
         else:
             if "joint" in entry:
                 check.keys(entry, ("joint", "name"), where)
+            if "axes" in entry:
+                axes = entry["axes"]
+                if not isinstance(axes, list) or not all(isinstance(a, str) for a in axes):
+                    raise check.fail(
+                        f"{where} axes",
+                        f'must be a list of dim names, e.g. ["layer", "head"], got {axes!r}',
+                    )
+            if "restrictions" in entry:
+                check.table(entry["restrictions"], f"{where} restrictions")
             try:
                 found = [spec_from_dict(entry)]
             except (PatchSpecError, TypeError, ValueError) as err:

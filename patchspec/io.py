@@ -29,6 +29,10 @@ that was at ``path`` untouched and no temporary file behind.
   shape and dtype; :func:`load` checks the file against it (a truncated or edited file is an
   error, not a smaller result).
 
+Subclasses of dict, list and tuple (an ``OrderedDict``, a named tuple) come back as the plain
+type with equal contents; enums and other subclasses of int, float and str, paths, dates and other
+objects are refused.
+
 Files written before the format had a version (they carry ``patchspec_json`` or
 ``patchspec_dataarray`` attrs) are read as *legacy* files: string attrs as they are, the attrs
 listed in ``patchspec_json`` decoded as plain JSON (so tuples read as lists, dict keys as
@@ -575,6 +579,8 @@ def save(
     path = Path(path)
     fmt = _format(path, format)
     dataset = _encode(result)
+    if path.is_symlink():  # replace the file the link points to, not the link
+        path = Path(os.path.realpath(path))
     if not path.parent.is_dir():
         raise InputError(
             f"cannot save to {str(path)!r}: folder {str(path.parent)!r} does not exist"

@@ -78,6 +78,12 @@ def test_a_good_file_parses(tmp_path):
             r"\[prompts\] has 1 clean but 2 corrupted prompts",
         ),
         ('corrupted = ["d e f"]', "", r"\[prompts\] needs 'corrupted'"),
+        ('axes = ["layer", "head"]', 'axes = "layer"', r"entry 2 axes must be a list of dim names"),
+        (
+            '[[specs]]\ncatalog = "BLOCK_EVERY"\n\n[[specs]]\nactivation',
+            "[specs]\nactivation",
+            r"\[specs\] must be written \[\[specs\]\]",
+        ),
         (
             'path = "toy"',
             'path = "toy"\ndevice = "cdua"',

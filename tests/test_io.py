@@ -146,7 +146,7 @@ def test_errors_name_the_problem(tmp_path):
         patchspec.save(nested, tmp_path / "bad.nc")
     with pytest.raises(InputError, match="format must be one of"):
         patchspec.save(result, tmp_path / "r.nc", format="hdf")  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="folder .*nowhere' does not exist"):
+    with pytest.raises(InputError, match=r"folder .*nowhere' does not exist"):
         patchspec.save(result.assign_attrs(model="m"), tmp_path / "nowhere" / "r.nc")
     assert list(tmp_path.iterdir()) == []
 
@@ -240,7 +240,7 @@ def test_a_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
         new.assign_coords(label=("layer", np.array(["a", 1], dtype=object))),  # mixed objects
     ]
     for bad in refused:
-        with pytest.raises(InputError, match="cannot be saved|mixed objects"):
+        with pytest.raises(InputError, match=r"cannot be saved|mixed objects"):
             patchspec.save(bad, path)
     assert path.read_bytes() == before
     xr.testing.assert_identical(patchspec.load(path), old)
@@ -248,6 +248,10 @@ def test_a_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
     patchspec.save(new, path)
     assert patchspec.load(path).attrs["run"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["r.nc"]
+    link = tmp_path / "link.nc"
+    link.symlink_to(path)
+    patchspec.save(old, link)  # writes the file the link points to
+    assert link.is_symlink() and patchspec.load(path).attrs["run"] == 1
 
 
 def _truncated(path):
