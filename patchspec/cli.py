@@ -18,7 +18,7 @@ import attrs
 import xarray as xr
 
 from patchspec import catalog, metrics
-from patchspec.errors import PatchSpecError
+from patchspec.errors import InputError, PatchSpecError
 from patchspec.spec import Sweep
 
 DEMO_SPECS = (
@@ -47,11 +47,42 @@ def describe(cell: xr.DataArray) -> str:
     return f"{' '.join(parts)}: {float(cell):+.2f}"
 
 
-def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
-    """Save every variable as netCDF (and a heatmap PNG); return the files written."""
-    from patchspec import io
+#: What ``result.patch.normalized()`` computes when its output does not say (``attrs["formula"]``).
+DEFAULT_FORMULA = "(patched - corrupted) / (clean - corrupted)"
 
-    folder.mkdir(parents=True, exist_ok=True)
+
+#: What a normalised effect of 1 means, by formula.
+MEANINGS = {
+    DEFAULT_FORMULA: "1 = patching restores the clean answer",
+    "(clean - patched) / (clean - corrupted)": "1 = patching destroys the clean answer",
+}
+
+
+def formula(effect: xr.DataArray | xr.Dataset) -> str:
+    """The formula of a normalised effect, as its attrs state it."""
+    return str(effect.attrs.get("formula", DEFAULT_FORMULA))
+
+
+def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
+    """Save every variable as netCDF (and a heatmap PNG); return the files written.
+
+    Raises:
+        InputError: a variable's name cannot name a file (checked before anything is
+            written), or a file cannot be written.
+    """
+    from patchspec import io
+    from patchspec.experiment import unsafe_file_name
+
+    for name in ds.data_vars:
+        problem = unsafe_file_name(str(name))
+        if problem:
+            raise InputError(
+                f"result {name!r} {problem} and cannot name an output file in {str(folder)!r}"
+            )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the output folder {str(folder)!r}: {err}") from None
     written = []
     for name, result in ds.data_vars.items():
         path = folder / f"{name}.nc"
@@ -61,8 +92,16 @@ def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
             from patchspec.plot import plot
 
             png = folder / f"{name}.png"
-            effect = result.patch.normalized().rename("normalised effect")
-            plot(effect, path=png, title=f"{name}: (patched - corrupted) / (clean - corrupted)", col_wrap=2)
+            effect = result.patch.normalized()
+            try:
+                plot(
+                    effect.rename("normalised effect"),
+                    path=png,
+                    title=f"{name}: {formula(effect)}",
+                    col_wrap=2,
+                )
+            except OSError as err:
+                raise InputError(f"cannot write {str(png)!r}: {err}") from None
             written.append(png)
     return written
 
@@ -78,7 +117,9 @@ class DemoResult:
     files: list[Path]
 
 
-def demo(out: Path, *, progress: bool = True, plots: bool = True, engine: str | None = None) -> DemoResult:
+def demo(
+    out: Path, *, progress: bool = True, plots: bool = True, engine: str | None = None
+) -> DemoResult:
     """Run the demo sweeps on the toy model, print a summary, write results; return them."""
     from patchspec.toy import detected_heads, induction_prompts, toy_model
 
@@ -89,20 +130,27 @@ def demo(out: Path, *, progress: bool = True, plots: bool = True, engine: str | 
     # reveals both halves of the circuit (see patchspec.toy.induction_prompts).
     prompts = induction_prompts(n=1, seed=0, corruption="query")
     metric = metrics.logprob(prompts.answer)
-    print(f"toy model: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}")
+    print(
+        f"toy model: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model {model.cfg.d_model}"
+    )
     print(f"clean:     {prompts.clean[0]}")
     print(f"corrupted: {prompts.corrupted[0]}")
     print(f"metric:    log-probability of {prompts.answer[0]!r} at the last position")
     ds = Sweep(*DEMO_SPECS, name="demo").run(
         model, prompts.clean, prompts.corrupted, metric, progress=progress, engine=engine
     )
-    print(f"baselines: clean {ds.attrs['clean_baseline']:.3f}, corrupted {ds.attrs['corrupted_baseline']:.3f}")
-    print("\nTop cells by normalised effect (1 = patching restores the clean answer):")
-    for name, result in ds.data_vars.items():
-        best = result.patch.normalized().patch.top(2, absolute=False)
+    print(
+        f"baselines: clean {ds.attrs['clean_baseline']:.3f}, corrupted {ds.attrs['corrupted_baseline']:.3f}"
+    )
+    effects = {name: result.patch.normalized() for name, result in ds.data_vars.items()}
+    shown = formula(next(iter(effects.values())))
+    meaning = MEANINGS.get(shown)
+    print(f"\nTop cells by normalised effect {shown}{f' ({meaning})' if meaning else ''}:")
+    for name, effect in effects.items():
+        best = effect.patch.top(2, absolute=False)
         cells = ", ".join(describe(best.sel(rank=r)) for r in best["rank"].values)
         print(f"  {name:<16} {cells}")
-    heads = ds["head_out"].patch.normalized()
+    heads = effects["head_out"]
     prev = int(heads.sel(layer=0).argmax("head"))
     induction = int(heads.sel(layer=last).argmax("head"))
     print(
@@ -128,10 +176,17 @@ def run_experiment(path: Path, *, progress: bool = True) -> xr.Dataset:
     """Run an experiment file end to end; return the results."""
     from patchspec.experiment import load_experiment, load_model
 
-    experiment = load_experiment(path)
+    experiment = load_experiment(path)  # checks the whole file before the model loads
     model = load_model(experiment.model)
-    ds = Sweep(*experiment.specs).run(
-        model, experiment.clean, experiment.corrupted, experiment.metric, progress=progress, engine=experiment.engine
+    ds = experiment.sweep.run(
+        model,
+        experiment.clean,
+        experiment.corrupted,
+        experiment.metric,
+        progress=progress,
+        positions=experiment.positions,
+        reference=experiment.reference,
+        **experiment.options,
     )
     written = write_outputs(ds, experiment.folder, plots=experiment.plots)
     for name, result in ds.data_vars.items():
@@ -145,22 +200,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patchspec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="patch the bundled toy model and find its induction circuit")
-    d.add_argument("--out", type=Path, default=Path("patchspec-demo"), help="output folder (default: patchspec-demo)")
+    d.add_argument(
+        "--out",
+        type=Path,
+        default=Path("patchspec-demo"),
+        help="output folder (default: patchspec-demo)",
+    )
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
-    d.add_argument("--engine", choices=None, default=None, help="executor: batched (default) or reference")
+    d.add_argument(
+        "--engine", choices=None, default=None, help="executor: batched (default) or reference"
+    )
     r = sub.add_parser("run", help="run an experiment file (TOML)")
     r.add_argument("experiment", type=Path)
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            demo(args.out, progress=not args.no_progress, plots=not args.no_plots, engine=args.engine)
+            demo(
+                args.out, progress=not args.no_progress, plots=not args.no_plots, engine=args.engine
+            )
         else:
             run_experiment(args.experiment, progress=not args.no_progress)
-    except PatchSpecError as err:
-        print(f"patchspec: error: {err}", file=sys.stderr)
+    except (PatchSpecError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"patchspec: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("patchspec: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 import xarray as xr
 
 from patchspec import io
-from patchspec.cli import demo, main
+from patchspec.cli import demo, main, run_experiment, write_outputs
+from patchspec.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +75,78 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     bad.write_text('[model]\npath = "toy"\n[prompts]\nclean = ["a"]\n')
     assert main(["run", str(bad)]) == 2
     assert "[prompts] needs 'corrupted'" in capsys.readouterr().err
+
+
+def test_run_with_named_positions_reference_and_options(tmp_path):
+    """[positions], [reference] and [run] options reach the sweep; results are saved and load."""
+    shutil.copy(ROOT / "examples" / "experiments" / "induction_prompts.jsonl", tmp_path)
+    first = (tmp_path / "induction_prompts.jsonl").read_text().splitlines()[:2]
+    reference = [json.loads(line)["clean"] for line in first]
+    (tmp_path / "exp.toml").write_text(
+        f"""
+[model]
+path = "toy"
+[prompts]
+file = "induction_prompts.jsonl"
+[metric]
+kind = "logit_diff"
+[[specs]]
+activation = "resid_pre"
+axes = ["layer", "pos"]
+name = "resid_named"
+[[specs]]
+catalog = "ATTN_OUT"
+name = "attn_mean"
+[positions]
+END = -1
+FIRST = 1
+[reference]
+ref = {json.dumps(reference)}
+[output]
+folder = "out"
+plots = false
+[run]
+engine = "reference"
+hash_weights = true
+"""
+    )
+    text = (tmp_path / "exp.toml").read_text()
+    text = text.replace(
+        'name = "attn_mean"', 'name = "attn_mean"\nsource = { kind = "mean", over = "ref" }'
+    )
+    (tmp_path / "exp.toml").write_text(
+        text.replace(
+            'catalog = "ATTN_OUT"\n',
+            'activation = "attn_out"\naxes = ["layer"]\nrestrictions = { pos = "END" }\n',
+        )
+    )
+    ds = run_experiment(tmp_path / "exp.toml", progress=False)
+    assert ds["resid_named"]["pos"].values.tolist() == ["END", "FIRST"]
+    assert ds["attn_mean"].attrs["estimator"] == "reference"
+    assert "model_weights_sha256" in ds["attn_mean"].attrs
+    assert ds["attn_mean"].attrs["sources"] == [
+        {"kind": "mean", "over": "ref", "receiver": "clean"}
+    ]
+    loaded = io.load(tmp_path / "out" / "resid_named.nc")
+    xr.testing.assert_identical(loaded, ds["resid_named"])
+
+
+def test_plot_titles_name_the_formula_the_effect_states(tmp_path, monkeypatch):
+    """The heatmap title is the normalised effect's own formula (attrs["formula"])."""
+    import patchspec.plot
+    from patchspec.accessor import PatchAccessor
+
+    def noising(self):
+        return self._obj.assign_attrs(formula="(clean - patched) / (clean - corrupted)")
+
+    titles = []
+    monkeypatch.setattr(PatchAccessor, "normalized", noising)
+    monkeypatch.setattr(patchspec.plot, "plot", lambda data, **kw: titles.append(kw["title"]))
+    ds = xr.Dataset({"heads": ("layer", [1.0, 2.0])})
+    write_outputs(ds, tmp_path, plots=True)
+    assert titles == ["heads: (clean - patched) / (clean - corrupted)"]
+    with pytest.raises(
+        InputError, match=r"result 'a/b' contains a '/' and cannot name an output file"
+    ):
+        write_outputs(xr.Dataset({"a/b": ("layer", [1.0])}), tmp_path / "x", plots=False)
+    assert not (tmp_path / "x").exists()
