@@ -409,7 +409,25 @@ def to_dataset(sweep: Sweep, arrays: Sequence[xr.DataArray]) -> xr.Dataset:
     shared = {k: first.attrs[k] for k in SHARED_ATTRS if k in first.attrs}
     if sweep.name is not None:
         shared["sweep"] = sweep.name
-    return xr.Dataset(_shared_baselines(named), attrs=shared)
+    arrays_by_name = _shared_baselines(named)
+    try:
+        return xr.Dataset(arrays_by_name, attrs=shared)
+    except xr.MergeError:
+        # Specs measured at different coordinates of a shared dim (e.g. every position and only
+        # the last): the union of their coordinates, NaN where a spec was not measured; labels
+        # such as ``pos_token`` agree wherever both have one.
+        parts = [array.to_dataset(name=name) for name, array in arrays_by_name.items()]
+        try:
+            merged = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop")
+        except xr.MergeError as err:
+            raise InputError(
+                f"the specs of sweep {sweep.name or sweep.specs[0].label!r} cannot share one "
+                f"Dataset: {err}; run them separately"
+            ) from None
+        for name, array in arrays_by_name.items():
+            merged[name].attrs = dict(array.attrs)
+        merged.attrs = shared
+        return merged
 
 
 def _shared_baselines(arrays: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:
