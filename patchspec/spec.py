@@ -348,15 +348,26 @@ class PatchSpec(_Combinable):
             (or, with a custom ``rule``, any name whose values are given in ``restrictions``).
         restrictions: Values to keep per axis or dim: an int, a list, or a slice; negative
             positions count from the end. A restriction of a dim that is not swept narrows the
-            patched region instead (e.g. ``pos=-1``: patch only the last position).
+            patched region instead (e.g. ``pos=-1``: patch only the last position). Numpy and
+            torch integers (scalars and arrays) count as ints; bools, floats and ``None`` do
+            not. Each index may be named once: ``[1, 1]`` is refused here, and entries that
+            name the same index once the model's sizes are known (``layer=[1, -1]`` on a
+            2-layer model) are refused when the sweep compiles, before any forward pass, since
+            a result would otherwise carry the same coordinate twice.
         rule: Optional callable from a cell's coordinates (``{"layer": 3, "head": 1}``) to an
             index per activation dim; dims it leaves out are patched whole. By default each swept
             axis indexes the activation dim of the same name.
         source: Where patched values come from (default: the clean run, i.e. denoising).
         name: A label for results; derived from the activation and axes when omitted.
 
+    Axis names are result dims. ``example`` and ``metric`` are reserved (the runner adds
+    them), and so are the names of results' other coordinates (``clean_baseline``, ...,
+    ``<dim>_token``); a custom-rule axis may not take a built-in dim's name (``head``), plain
+    or numbered as joint specs number shared axes (``pos_2``).
+
     Raises:
-        SpecError: an unknown activation, an unknown or duplicate axis, or a bad restriction.
+        SpecError: an unknown activation, an unknown, duplicate or reserved axis, or a bad
+            restriction.
 
     Example:
         >>> spec = PatchSpec("z", axes=("layer", "pos", "head"))
@@ -726,7 +737,8 @@ class JointSpec(_Combinable):
     """Several specs patched together in the same forward pass, sweeping the product of cells.
 
     Axis names shared by several parts are numbered by part (``head_1``, ``head_2``) so every
-    result dim stays distinct.
+    result dim stays distinct; a custom-rule axis whose own name would repeat a numbered one is
+    refused.
 
     Example:
         >>> heads = PatchSpec("z", axes=("layer", "head"))

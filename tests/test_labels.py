@@ -214,6 +214,15 @@ def test_bools_floats_and_bad_slices_are_refused(given, message):
         catalog.RESID_PRE.sel(layer=given)
 
 
+def test_a_rule_that_raises_is_a_spec_error_naming_the_cell():
+    """An exception inside a custom rule surfaces at compile as a SpecError naming the spec and
+    the cell, with the original exception as its cause."""
+    spec = PatchSpec("z", axes=("layer",), rule=lambda c: {"pos": c["pos"]}, name="r")
+    with pytest.raises(SpecError, match=r"rule of spec 'r' raised KeyError: 'pos' for cell \{'layer': 0\}") as info:
+        compile(spec, SIZES)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
 def test_a_rule_returning_a_bad_slice_is_a_spec_error():
     """A slice of step 0 from a rule fails at compile, naming the cell."""
     spec = PatchSpec("z", axes=("layer",), rule=lambda c: {"pos": slice(0, 2, 0)})

@@ -241,7 +241,13 @@ def regions_of(
         index: dict[str, Any] = {axis: cell[axis] for axis in spec.axes if axis != SOURCE_AXIS}
         what = "restriction"
     else:
-        out = spec.rule(dict(cell))
+        try:
+            out = spec.rule(dict(cell))
+        except Exception as err:  # the user's code: say which spec and cell, keep the cause
+            raise SpecError(
+                f"rule of spec {spec.label!r} raised {type(err).__name__}: {err} for cell "
+                f"{dict(cell)}"
+            ) from err
         if not isinstance(out, Mapping):
             raise SpecError(
                 f"rule of spec {spec.label!r} must return a mapping of dim -> index, "

@@ -413,8 +413,10 @@ def compile(spec: AnySpec, sizes: Sizes, *, positions: Positions | None = None) 
             a swept position axis without a restriction sweeps the names, in the order given.
 
     Raises:
-        SpecError: a restriction falls outside its dim, or a named position is unknown or
-            given without ``positions``.
+        SpecError: a restriction falls outside its dim, selects nothing, or names one index
+            twice (``layer=[1, -1]`` on a 2-layer model); a named position is unknown or given
+            without ``positions``; or the grid would repeat a dim or a coordinate (a last check:
+            specs refuse what causes it when they are built).
 
     Example:
         >>> from patchspec import catalog
