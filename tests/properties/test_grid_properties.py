@@ -274,3 +274,55 @@ def test_sweep_dict_round_trip(specs_: list[PatchSpec], name: str | None) -> Non
     """Sweeps round-trip through Sweep.from_dict."""
     sweep = Sweep(*specs_, name=name)
     assert _round_trip(sweep, Sweep.from_dict) == sweep
+
+
+#: Any plain value a user might pass where a spec takes one.
+JUNK = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=4)
+    | st.binary(max_size=3)
+    | st.builds(slice, st.none() | st.integers(-9, 9) | st.floats() | st.text(max_size=1), st.none() | st.integers(-9, 9), st.none() | st.integers(-3, 3) | st.booleans())
+    | st.sampled_from([np.int64(1), np.bool_(False), np.float32(2.0), torch.tensor(1), torch.tensor(True), torch.tensor([1.5]), np.array([[0, 1]]), np.array(["S", "T"]), object()]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2) | st.frozensets(st.integers(0, 3), max_size=2),
+    max_leaves=6,
+)
+
+
+def _spec_error_or_fine(build) -> object:
+    """``build()``'s value, or None where it raised a SpecError (any other error fails)."""
+    try:
+        return build()
+    except SpecError:
+        return None
+
+
+@given(any_specs(), st.sampled_from(["layer", "pos", "head", "kv_head", "neuron", "src_pos", "x"]), JUNK)
+def test_any_restriction_value_is_fine_or_a_spec_error(spec: PatchSpec, dim: str, value: object) -> None:
+    """Whatever value restricts whatever dim, building and compiling the spec either works or
+    raises SpecError: never a raw TypeError, ValueError, KeyError or IndexError."""
+    narrowed = _spec_error_or_fine(lambda: spec.sel(**{dim: value}))
+    if isinstance(narrowed, PatchSpec):
+        grid = _spec_error_or_fine(lambda: compile(narrowed, SIZES))
+        if grid is not None:
+            _assert_unique_labels(grid)
+        assert PatchSpec.from_dict(narrowed.to_dict()) == narrowed
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["activation", "axes", "restrictions", "source", "name", "joint", "sweep", "nmae"]),
+        JUNK | st.sampled_from(["z", "resid_pre", ["layer"], ["layer", "pos"], {"pos": -1}, {"kind": "zero"}]),
+        max_size=5,
+    )
+)
+def test_any_dict_is_a_spec_or_a_spec_error(data: dict) -> None:
+    """from_dict of any dict (and of its parts as joint and sweep lists) builds a value or
+    raises SpecError."""
+    _spec_error_or_fine(lambda: PatchSpec.from_dict(data))
+    _spec_error_or_fine(lambda: spec_from_dict(data))
+    _spec_error_or_fine(lambda: Sweep.from_dict(data))
+    _spec_error_or_fine(lambda: spec_from_dict({"joint": [data, data]}))
+    _spec_error_or_fine(lambda: Sweep.from_dict({"sweep": [data]}))
