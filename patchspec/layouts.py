@@ -26,6 +26,7 @@ from patchspec.errors import SpecError, did_you_mean
 #: ``"resid_mid"``: TransformerBridge's ``hook_resid_mid`` only feeds the second norm, so the
 #: residual stream itself is patched by rewriting the attention output of the same block.
 Writer = Literal["direct", "resid_mid"]
+WRITERS: tuple[str, ...] = ("direct", "resid_mid")
 
 #: Dims that index token positions; their restrictions may name positions (``pos="S2"``).
 POSITION_DIMS: tuple[str, ...] = ("pos", "dest_pos", "src_pos")
@@ -64,19 +65,48 @@ class Layout:
     """
 
     name: str
-    dims: tuple[str, ...]
+    dims: tuple[str, ...] = attrs.field(converter=lambda v: tuple(v) if isinstance(v, list) else v)
     description: str
     writer: Writer = "direct"
     hook: str | None = None
     gate: str | None = None
 
     def __attrs_post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"a layout's name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.dims, tuple) or not all(isinstance(d, str) for d in self.dims):
+            raise SpecError(
+                f"layout {self.name!r}: dims must be a sequence of dim names, got {self.dims!r}"
+            )
         if not self.dims or self.dims[0] != "batch":
             raise SpecError(f"layout {self.name!r}: dims must start with 'batch', got {self.dims!r}")
         if len(set(self.dims)) != len(self.dims):
             raise SpecError(f"layout {self.name!r}: dims {self.dims!r} repeat a name")
-        if self.hook is not None and "{layer}" not in self.hook:
-            raise SpecError(f"layout {self.name!r}: hook template {self.hook!r} needs '{{layer}}'")
+        sized = [d for d in DIM_SIZES if d != "layer"]
+        for dim in self.dims:
+            if dim not in sized:
+                raise SpecError(
+                    f"layout {self.name!r}: dim {dim!r} has no known size; activation dims are "
+                    f"named from {', '.join(sized)}{did_you_mean(dim, sized)}"
+                )
+        if self.writer not in WRITERS:
+            raise SpecError(
+                f"layout {self.name!r}: writer {self.writer!r} is not one of {', '.join(WRITERS)}"
+            )
+        if self.gate is not None and not isinstance(self.gate, str):
+            raise SpecError(f"layout {self.name!r}: gate must be a cfg flag name, got {self.gate!r}")
+        if self.hook is not None:
+            if not isinstance(self.hook, str) or "{layer}" not in self.hook:
+                raise SpecError(
+                    f"layout {self.name!r}: hook template {self.hook!r} needs '{{layer}}'"
+                )
+            try:
+                self.hook.format(layer=0)
+            except (KeyError, IndexError, ValueError) as err:
+                raise SpecError(
+                    f"layout {self.name!r}: hook template {self.hook!r} may hold only "
+                    f"'{{layer}}' ({type(err).__name__}: {err})"
+                ) from None
 
     def hook_name(self, layer: int) -> str:
         """The hook point that holds this activation at ``layer``.

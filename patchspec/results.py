@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from patchspec.errors import SpecError
 from patchspec.layouts import POSITION_DIMS
-from patchspec.plan.grid import Grid
+from patchspec.plan.grid import Grid, check_labels
 
 #: Baselines stored in attrs, and for per-prompt metrics also as coordinates along ``example``.
 BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
@@ -99,6 +101,14 @@ def to_dataarray(
     data = values.detach().float().cpu().numpy().astype(np.float64)
     lead: tuple[str, ...] = () if metrics is None else ("metric",)
     extra: tuple[str, ...] = (*lead, "example") if data.ndim == 2 + len(lead) else lead
+    dims = (*plan.dims, *extra)
+    labelled = {**plan.coords, **({"metric": tuple(metrics)} if metrics is not None else {})}
+    check_labels(dims, {d: labelled.get(d, ()) for d in dims}, f"the result of {name!r}")
+    if data.shape[0] != math.prod(plan.shape):
+        raise SpecError(
+            f"the result of {name!r} got values for {data.shape[0]} cells; its grid has "
+            f"{math.prod(plan.shape)} ({dict(zip(plan.dims, plan.shape, strict=True))})"
+        )
     data = data.reshape(plan.shape + data.shape[1:])
     coords: dict[str, Any] = {dim: list(plan.coords[dim]) for dim in plan.dims}
     if metrics is not None:
@@ -125,7 +135,14 @@ def to_dataarray(
     for dim in plan.dims:
         if is_position_dim(dim) and named and all(p in named for p in plan.coords[dim]):
             coords[f"{dim}_token"] = (dim, [named[p] for p in plan.coords[dim]])
-    return xr.DataArray(data, dims=(*plan.dims, *extra), coords=coords, name=name, attrs=dict(attrs))
+    # Dim coordinates are lists; a (dims, values) pair under a dim's name would replace them.
+    shadowed = [key for key, value in coords.items() if key in dims and isinstance(value, tuple)]
+    if shadowed:
+        raise SpecError(
+            f"the result of {name!r} has a coordinate named like its dim {shadowed[0]!r}; "
+            "rename the axis"
+        )
+    return xr.DataArray(data, dims=dims, coords=coords, name=name, attrs=dict(attrs))
 
 
 def provenance(adapter: Any, *tokens: torch.Tensor | None, full_hash: bool = False) -> dict[str, str]:

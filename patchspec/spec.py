@@ -11,13 +11,15 @@ This module imports neither torch nor TransformerLens.
 from __future__ import annotations
 
 import itertools
+import numbers
+import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import attrs
 
 from patchspec.errors import SpecError, did_you_mean
-from patchspec.layouts import POSITION_DIMS, Layout, layout
+from patchspec.layouts import DIM_SIZES, POSITION_DIMS, Layout, layout
 from patchspec.options import checked_keywords
 from patchspec.sources import Clean, Receiver, Source, source_from_dict
 
@@ -35,13 +37,91 @@ Prompts: TypeAlias = Any
 MetricArg: TypeAlias = Any
 
 
+#: Dims the runner adds to results: ``example`` (a per-prompt metric) and ``metric`` (several
+#: metrics evaluated together). No axis may use them.
+RESERVED_DIMS: tuple[str, ...] = ("example", "metric")
+#: Non-dim coordinates results carry (baselines, prompt texts); no axis may use them either, nor
+#: a name ending in ``_token`` (each position dim gets a ``<dim>_token`` coordinate).
+RESERVED_COORDS: tuple[str, ...] = (
+    "clean_baseline",
+    "corrupted_baseline",
+    "clean_prompt",
+    "corrupted_prompt",
+)
+#: Names a custom-rule axis may not take: every built-in dim of any activation (and ``layer``),
+#: alone or numbered as a joint spec numbers shared axes (``pos_2``).
+BUILTIN_DIMS: tuple[str, ...] = tuple(DIM_SIZES)
+
+
+def plain_value(value: Any) -> Any:
+    """A numpy or torch scalar (or array) as the Python value (or nested list) it holds.
+
+    Python ints, strings and other values come back unchanged; any other integer type
+    (``numbers.Integral``) becomes an ``int``. Bools stay bools, so they can be refused.
+
+    Example:
+        >>> import numpy as np
+        >>> plain_value(np.int64(3)), plain_value(np.array([1, 2])), plain_value(np.bool_(True))
+        (3, [1, 2], True)
+    """
+    if isinstance(value, str | bytes | bool | int | float | slice):
+        return value
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy, torch, pandas
+        return value.tolist()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return value
+
+
+def check_slice(where: str, value: slice | Slice) -> Slice:
+    """``value`` as a :class:`Slice` with int (or ``None``) bounds and a non-zero step.
+
+    Numpy and torch integer bounds become ints.
+
+    Args:
+        where: What the slice is, for the error (``"restriction layer=slice(0, 2, 0)"``).
+        value: The slice.
+
+    Raises:
+        SpecError: a bound or step is not an int or ``None`` (bools and floats included), or
+            the step is 0.
+
+    Example:
+        >>> check_slice("restriction layer", slice(1, None))
+        slice(1, None, None)
+    """
+    bounds = []
+    for field, bound in zip(("start", "stop", "step"), (value.start, value.stop, value.step), strict=True):
+        bound = plain_value(bound)
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+            raise SpecError(
+                f"{where}: slice {field} {bound!r} must be an int or None "
+                f"(got {type(bound).__name__})"
+            )
+        bounds.append(bound)
+    if bounds[2] == 0:
+        raise SpecError(f"{where}: slice step cannot be 0; give a non-zero int or None")
+    return Slice(*bounds)
+
+
 @attrs.frozen
 class Slice:
-    """A hashable ``slice`` (Python 3.11 slices are not hashable)."""
+    """A hashable ``slice`` (Python 3.11 slices are not hashable) of int bounds.
+
+    Raises:
+        SpecError: a bound that is not an int or ``None``, or a step of 0.
+    """
 
     start: int | None = None
     stop: int | None = None
     step: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for field, bound in (("start", self.start), ("stop", self.stop), ("step", self.step)):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise SpecError(f"{self!r}: slice {field} {bound!r} must be an int or None")
+        if self.step == 0:
+            raise SpecError(f"{self!r}: slice step cannot be 0; give a non-zero int or None")
 
     def indices(self, size: int) -> tuple[int, ...]:
         """The indices this slice selects from ``range(size)``."""
@@ -61,22 +141,50 @@ Rule: TypeAlias = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
 def _selector(name: str, value: Any) -> Selector:
-    """Normalise one user-given restriction to a hashable :data:`Selector`."""
-    if isinstance(value, slice):
-        return Slice(value.start, value.stop, value.step)
-    if isinstance(value, Slice):
-        return value
+    """Normalise one user-given restriction to a hashable :data:`Selector`.
+
+    Numpy and torch integer scalars and arrays become Python ints and tuples of them, so a
+    spec restricted with ``np.int64(1)`` equals (and hashes like) one restricted with ``1``.
+    """
+    given = value
+    value = plain_value(value)
+    if isinstance(value, slice | Slice):
+        return check_slice(f"restriction {name}={given!r}", value)
+    if value is None:
+        raise SpecError(
+            f"restriction {name}=None: give an int, a list or a slice (leave {name!r} out of the "
+            "restrictions to keep all of it)"
+        )
     if isinstance(value, bool):
-        raise SpecError(f"restriction {name}={value!r} is a bool; give an int, a list or a slice")
-    if isinstance(value, str | int) or not isinstance(value, Iterable):
+        raise SpecError(f"restriction {name}={given!r} is a bool; give an int, a list or a slice")
+    if isinstance(value, Mapping | set | frozenset):
+        raise SpecError(
+            f"restriction {name}={given!r} is a {type(value).__name__}; give an int, a list "
+            "(in the order the result should have) or a slice"
+        )
+    if isinstance(value, str | bytes | int) or not isinstance(value, Iterable):
         if not isinstance(value, Hashable):
-            raise SpecError(f"restriction {name}={value!r} is not hashable")
+            raise SpecError(f"restriction {name}={given!r} is not hashable")
         return value
-    values = tuple(value)
+    values = tuple(plain_value(v) for v in value)
     if not values:
-        raise SpecError(f"restriction {name}={value!r} selects nothing; give at least one value")
-    if len(set(values)) != len(values):
-        raise SpecError(f"restriction {name}={value!r} repeats a value; give each value once")
+        raise SpecError(f"restriction {name}={given!r} selects nothing; give at least one value")
+    for item in values:
+        if isinstance(item, slice | Slice):
+            raise SpecError(
+                f"restriction {name}={given!r} holds a slice inside a list; give either a list "
+                "of values or one slice"
+            )
+        if not isinstance(item, Hashable):
+            raise SpecError(
+                f"restriction {name}={given!r} holds {item!r}, a {type(item).__name__}; "
+                "give a flat list of values (no nested lists)"
+            )
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise SpecError(
+            f"restriction {name}={given!r} repeats a value ({repeated[0]!r}); give each value once"
+        )
     return values
 
 
@@ -84,17 +192,87 @@ def _restrictions(value: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -
     """Convert user restrictions to a sorted tuple of ``(name, Selector)`` pairs."""
     if value is None:
         return ()
-    items = value.items() if isinstance(value, Mapping) else value
-    return tuple(sorted((str(k), _selector(str(k), v)) for k, v in items))
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        items = list(value)
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise SpecError(
+                    f"restrictions must be a dict {{name: values}} (or (name, values) pairs), "
+                    f"got the entry {item!r}"
+                )
+    else:
+        raise SpecError(
+            f"restrictions must be a dict {{name: values}}, got {type(value).__name__}: {value!r}"
+        )
+    for key, _ in items:
+        if not isinstance(key, str):
+            raise SpecError(
+                f"restriction names must be strings naming an axis or dim, got {key!r} "
+                f"({type(key).__name__})"
+            )
+    names = [k for k, _ in items]
+    repeated = sorted({k for k in names if names.count(k) > 1})
+    if repeated:
+        raise SpecError(f"restriction {repeated[0]!r} is given twice")
+    return tuple(sorted((k, _selector(k, v)) for k, v in items))
 
 
 def _axes(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
+    if isinstance(value, str):
+        return (value,)
+    if value is None or isinstance(value, Mapping | set | frozenset | bytes) or not isinstance(
+        value, Iterable
+    ):
+        raise SpecError(
+            f"axes must be a dim name or a sequence of them (e.g. ('layer', 'pos')), "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    return tuple(plain_value(a) for a in value)
 
 
 def _explicit(selector: Selector) -> bool:
     """Whether a selector lists its values without needing a size (not a slice)."""
     return not isinstance(selector, Slice)
+
+
+def check_name(owner: str, name: Any) -> None:
+    """Refuse a ``name=`` that is not ``None`` or a non-empty string.
+
+    Raises:
+        SpecError: naming ``owner`` (``"PatchSpec"``) and the value.
+    """
+    if name is not None and (not isinstance(name, str) or not name):
+        raise SpecError(
+            f"{owner} name must be a non-empty string or None, got {type(name).__name__}: {name!r}"
+        )
+
+
+def check_dim_name(axis: str, what: str) -> None:
+    """Refuse a result dim name the runner or the labels already use.
+
+    Raises:
+        SpecError: ``axis`` is ``example``/``metric`` (added by the runner), a coordinate name
+            (``clean_baseline``, ...), or ends in ``_token``.
+    """
+    if axis in RESERVED_DIMS:
+        raise SpecError(
+            f"{what} {axis!r} is reserved: the runner adds an {axis!r} dim to results "
+            f"({'one value per prompt' if axis == 'example' else 'one value per metric'}); "
+            "choose another name"
+        )
+    if axis in RESERVED_COORDS or axis.endswith("_token"):
+        raise SpecError(
+            f"{what} {axis!r} is reserved for a coordinate of results (the baselines, the "
+            "prompts and <dim>_token labels); choose another name"
+        )
+
+
+def _custom_axis_clash(axis: str) -> str | None:
+    """The built-in dim a custom axis name would pass for (``pos``, ``pos_2`` -> ``pos``)."""
+    base = re.sub(r"_\d+$", "", axis)
+    return base if base in BUILTIN_DIMS or base == SOURCE_AXIS else None
 
 
 class _Combinable:
@@ -106,7 +284,10 @@ class _Combinable:
 
     def __and__(self, other: PatchSpec | JointSpec) -> JointSpec:
         if not isinstance(other, PatchSpec | JointSpec):
-            return NotImplemented
+            raise SpecError(
+                f"& joins a spec with a PatchSpec or JointSpec, got {type(other).__name__}: "
+                f"{other!r}"
+            )
         return JointSpec(parts=self.parts + other.parts)
 
     @checked_keywords
@@ -167,15 +348,26 @@ class PatchSpec(_Combinable):
             (or, with a custom ``rule``, any name whose values are given in ``restrictions``).
         restrictions: Values to keep per axis or dim: an int, a list, or a slice; negative
             positions count from the end. A restriction of a dim that is not swept narrows the
-            patched region instead (e.g. ``pos=-1``: patch only the last position).
+            patched region instead (e.g. ``pos=-1``: patch only the last position). Numpy and
+            torch integers (scalars and arrays) count as ints; bools, floats and ``None`` do
+            not. Each index may be named once: ``[1, 1]`` is refused here, and entries that
+            name the same index once the model's sizes are known (``layer=[1, -1]`` on a
+            2-layer model) are refused when the sweep compiles, before any forward pass, since
+            a result would otherwise carry the same coordinate twice.
         rule: Optional callable from a cell's coordinates (``{"layer": 3, "head": 1}``) to an
             index per activation dim; dims it leaves out are patched whole. By default each swept
             axis indexes the activation dim of the same name.
         source: Where patched values come from (default: the clean run, i.e. denoising).
         name: A label for results; derived from the activation and axes when omitted.
 
+    Axis names are result dims. ``example`` and ``metric`` are reserved (the runner adds
+    them), and so are the names of results' other coordinates (``clean_baseline``, ...,
+    ``<dim>_token``); a custom-rule axis may not take a built-in dim's name (``head``), plain
+    or numbered as joint specs number shared axes (``pos_2``).
+
     Raises:
-        SpecError: an unknown activation, an unknown or duplicate axis, or a bad restriction.
+        SpecError: an unknown activation, an unknown, duplicate or reserved axis, or a bad
+            restriction.
 
     Example:
         >>> spec = PatchSpec("z", axes=("layer", "pos", "head"))
@@ -194,11 +386,13 @@ class PatchSpec(_Combinable):
 
     def __attrs_post_init__(self) -> None:
         lay = layout(self.activation)
+        check_name("PatchSpec", self.name)
         restricted = dict(self.restrictions)
         seen: set[str] = set()
         for axis in self.axes:
-            if not isinstance(axis, str):
-                raise SpecError(f"axis {axis!r} must be a string naming a dim")
+            if not isinstance(axis, str) or not axis:
+                raise SpecError(f"axis {axis!r} must be a non-empty string naming a dim")
+            check_dim_name(axis, "axis")
             if axis in seen:
                 raise SpecError(f"axis {axis!r} is listed twice in axes={self.axes!r}")
             seen.add(axis)
@@ -213,6 +407,18 @@ class PatchSpec(_Combinable):
             if axis in lay.patch_dims:
                 continue
             if self.rule is not None and axis in restricted and _explicit(restricted[axis]):
+                builtin = _custom_axis_clash(axis)
+                if builtin is not None:
+                    how = (
+                        "reuses the name of the built-in dim"
+                        if axis == builtin
+                        else "looks like a joint spec's numbered copy of the built-in dim"
+                    )
+                    raise SpecError(
+                        f"custom-rule axis {axis!r} of a spec on {self.activation!r} {how} "
+                        f"{builtin!r}, so its labels would be mistaken for {builtin!r}'s; give "
+                        f"the custom axis a name of its own, e.g. {builtin + '_group'!r}"
+                    )
                 continue
             hint = did_you_mean(axis, lay.patch_dims)
             if axis == "head" and "kv_head" in lay.dims:
@@ -228,10 +434,15 @@ class PatchSpec(_Combinable):
             )
         for key, selector in self.restrictions:
             if key not in lay.patch_dims and key not in self.axes:
+                hint = did_you_mean(key, lay.patch_dims)
+                if key == "head" and "kv_head" in lay.dims:
+                    hint = (
+                        "; keys and values have one head per key/value group: "
+                        "did you mean 'kv_head'?"
+                    )
                 raise SpecError(
                     f"restriction {key!r} is neither an axis nor a dim of activation "
-                    f"{self.activation!r} (valid: {', '.join(lay.patch_dims)})"
-                    f"{did_you_mean(key, lay.patch_dims)}"
+                    f"{self.activation!r} (valid: {', '.join(lay.patch_dims)}){hint}"
                 )
             if key in lay.patch_dims:
                 _check_int_selector(key, selector)
@@ -355,25 +566,33 @@ class PatchSpec(_Combinable):
         Raises:
             SpecError: unknown keys, or any error the constructor raises.
         """
-        known = {"activation", "axes", "restrictions", "source", "name"}
-        unknown = set(data) - known
-        if unknown:
-            bad = sorted(unknown)[0]
+        _fields(
+            data,
+            "a spec dict",
+            known=("activation", "axes", "restrictions", "source", "name"),
+            required=("activation", "axes"),
+        )
+        axes = data["axes"]
+        if not isinstance(axes, str | list | tuple):
             raise SpecError(
-                f"unknown spec key {bad!r}; valid keys are {', '.join(sorted(known))}"
-                f"{did_you_mean(bad, known)}"
+                f"a spec dict's 'axes' must be a list of dim names, got "
+                f"{type(axes).__name__}: {axes!r}"
             )
-        if "activation" not in data or "axes" not in data:
-            raise SpecError(f"a spec dict needs 'activation' and 'axes', got keys {sorted(data)}")
-        restrictions = {
-            k: _selector_from_plain(v) for k, v in dict(data.get("restrictions") or {}).items()
-        }
+        plain = data.get("restrictions")
+        if plain is None:
+            plain = {}
+        if not isinstance(plain, Mapping):
+            raise SpecError(
+                f"a spec dict's 'restrictions' must be a dict {{name: values}}, got "
+                f"{type(plain).__name__}: {plain!r}"
+            )
+        restrictions = {k: _selector_from_plain(k, v) for k, v in plain.items()}
         source = data.get("source")
         return cls(
             data["activation"],
-            axes=tuple(data["axes"]),
+            axes=axes,
             restrictions=restrictions,
-            source=Clean() if source is None else source_from_dict(source),
+            source=Clean() if source is None else _source_from_plain("'source'", source),
             name=data.get("name"),
         )
 
@@ -427,19 +646,81 @@ def _selector_to_plain(selector: Selector) -> Any:
     return selector
 
 
-def _selector_from_plain(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_selector_from_plain(v) for v in value]
-    if isinstance(value, Mapping) and "kind" in value:
+def _fields(
+    data: Any,
+    what: str,
+    *,
+    known: Sequence[str],
+    required: Sequence[str],
+    elsewhere: Mapping[str, str] | None = None,
+) -> None:
+    """Check the keys of a dict form: a mapping, string keys, none unknown, none missing.
+
+    ``elsewhere`` maps a key that belongs to another kind of dict to the function that reads it.
+    """
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{what} must be a dict, got {type(data).__name__}: {data!r}")
+    for key in data:
+        if not isinstance(key, str):
+            raise SpecError(f"{what} has a key {key!r} that is not a string; valid keys are {', '.join(known)}")
+    hints = {
+        "joint": "spec_from_dict",
+        "sweep": "Sweep.from_dict",
+        "activation": "PatchSpec.from_dict",
+        **(elsewhere or {}),
+    }
+    for key in data:
+        if key not in known:
+            where = f" (a dict with {key!r} is read by {hints[key]})" if key in hints else ""
+            raise SpecError(
+                f"unknown {what.removeprefix('a ').removesuffix(' dict')} key {key!r}; valid "
+                f"keys are {', '.join(known)}{where}{did_you_mean(key, known)}"
+            )
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise SpecError(
+            f"{what} needs {' and '.join(repr(k) for k in missing)}, got keys {sorted(data)}"
+        )
+
+
+def _source_from_plain(where: str, value: Any) -> Source:
+    """A source from its dict form; any failure is a :class:`SpecError` naming ``where``."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("kind"), str):
+        raise SpecError(
+            f"{where} must be a source dict with a string 'kind' (e.g. {{'kind': 'zero'}}), "
+            f"got {value!r}"
+        )
+    try:
         return source_from_dict(value)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{where}: bad source dict {dict(value)!r}: {err}") from None
+
+
+def _selector_from_plain(name: str, value: Any) -> Any:
+    """A restriction from its plain form: values, lists, ``{"slice": [...]}`` or source dicts."""
+    if isinstance(value, list | tuple):
+        return [_selector_from_plain(name, v) for v in value]
+    if isinstance(value, Mapping) and "kind" in value:
+        return _source_from_plain(f"restriction {name!r}", value)
     if isinstance(value, Mapping):
-        if set(value) != {"slice"}:
-            raise SpecError(f"a restriction dict must be {{'slice': [start, stop, step]}}, got {value!r}")
-        return slice(*value["slice"])
+        bounds = value.get("slice")
+        if set(value) != {"slice"} or not isinstance(bounds, list | tuple) or not 1 <= len(bounds) <= 3:
+            raise SpecError(
+                f"restriction {name!r} in a spec dict: a dict there must be "
+                f"{{'slice': [start, stop, step]}} or a source dict with a 'kind', got {value!r}"
+            )
+        return check_slice(f"restriction {name}={value!r}", slice(*bounds))
     return value
 
 
 def _joint_parts(value: Iterable[PatchSpec | JointSpec]) -> tuple[PatchSpec, ...]:
+    if isinstance(value, PatchSpec | JointSpec) or not isinstance(value, Iterable):
+        raise SpecError(
+            f"JointSpec takes a sequence of specs (or write a & b), got {type(value).__name__}: "
+            f"{value!r}"
+        )
     parts: list[PatchSpec] = []
     for item in value:
         if isinstance(item, JointSpec):
@@ -456,7 +737,8 @@ class JointSpec(_Combinable):
     """Several specs patched together in the same forward pass, sweeping the product of cells.
 
     Axis names shared by several parts are numbered by part (``head_1``, ``head_2``) so every
-    result dim stays distinct.
+    result dim stays distinct; a custom-rule axis whose own name would repeat a numbered one is
+    refused.
 
     Example:
         >>> heads = PatchSpec("z", axes=("layer", "head"))
@@ -468,8 +750,22 @@ class JointSpec(_Combinable):
     name: str | None = attrs.field(kw_only=True, default=None)
 
     def __attrs_post_init__(self) -> None:
+        check_name("JointSpec", self.name)
         if len(self.parts) < 2:
             raise SpecError(f"a joint spec needs at least two parts, got {len(self.parts)}")
+        owners: dict[str, tuple[int, str]] = {}
+        for i, (part, dims) in enumerate(zip(self.parts, self.part_dims, strict=True)):
+            for axis, dim in zip(part.axes, dims, strict=True):
+                if dim in owners:
+                    j, other = owners[dim]
+                    raise SpecError(
+                        f"joint spec dims clash: part {j + 1} ({self.parts[j].label!r}) axis "
+                        f"{other!r} and part {i + 1} ({part.label!r}) axis {axis!r} would both be "
+                        f"the result dim {dim!r} (axes shared by several parts are numbered by "
+                        "part: head_1, head_2); rename the custom-rule axis so no numbered name "
+                        "repeats"
+                    )
+                owners[dim] = (i, axis)
         receivers = {part.receiver for part in self.parts}
         if len(receivers) > 1:
             raise SpecError(
@@ -532,11 +828,32 @@ AnySpec: TypeAlias = PatchSpec | JointSpec
 
 
 def spec_from_dict(data: Mapping[str, Any]) -> AnySpec:
-    """Build a :class:`PatchSpec` or :class:`JointSpec` from its dict form."""
-    if "joint" in data:
-        return JointSpec(
-            parts=[PatchSpec.from_dict(d) for d in data["joint"]], name=data.get("name")
-        )
+    """Build a :class:`PatchSpec` or :class:`JointSpec` from its dict form.
+
+    Raises:
+        SpecError: not a dict, unknown or missing keys, a malformed part, or any error the
+            constructors raise.
+
+    Example:
+        >>> spec_from_dict({"joint": [{"activation": "z", "axes": ["head"]},
+        ...                           {"activation": "mlp_out", "axes": ["pos"]}]}).dims
+        ('head', 'pos')
+    """
+    if isinstance(data, Mapping) and "joint" in data:
+        _fields(data, "a joint spec dict", known=("joint", "name"), required=("joint",))
+        listed = data["joint"]
+        if not isinstance(listed, list | tuple):
+            raise SpecError(
+                f"a joint spec dict's 'joint' must be a list of spec dicts, got "
+                f"{type(listed).__name__}: {listed!r}"
+            )
+        parts = []
+        for i, part in enumerate(listed):
+            try:
+                parts.append(PatchSpec.from_dict(part))
+            except SpecError as err:
+                raise SpecError(f"part {i + 1} of a joint spec dict: {err}") from None
+        return JointSpec(parts=parts, name=data.get("name"))
     return PatchSpec.from_dict(data)
 
 
@@ -549,6 +866,11 @@ def as_specs(specs: Sequence[Any]) -> tuple[AnySpec, ...]:
 
 
 def _sweep_specs(value: Sequence[Any]) -> tuple[AnySpec, ...]:
+    if any(isinstance(item, list | tuple) for item in value):
+        raise SpecError(
+            "Sweep takes its specs as separate arguments: Sweep(a, b) or Sweep(*specs), "
+            "not a list"
+        )
     specs = as_specs(list(value))
     if not specs:
         raise SpecError("a Sweep needs at least one spec")
@@ -585,6 +907,9 @@ class Sweep:
     def __init__(self, *specs: AnySpec, name: str | None = None) -> None:
         self.__attrs_init__(specs, name)  # type: ignore[attr-defined]
 
+    def __attrs_post_init__(self) -> None:
+        check_name("Sweep", self.name)
+
     @property
     def names(self) -> tuple[str, ...]:
         """The data variable name of each spec's result."""
@@ -603,10 +928,26 @@ class Sweep:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Sweep:
-        """Rebuild a sweep from :meth:`to_dict` output."""
-        if "sweep" not in data:
-            raise SpecError(f"a sweep dict needs a 'sweep' list of specs, got keys {sorted(data)}")
-        return cls(*(spec_from_dict(d) for d in data["sweep"]), name=data.get("name"))
+        """Rebuild a sweep from :meth:`to_dict` output.
+
+        Raises:
+            SpecError: not a dict, unknown or missing keys, a malformed spec, or any error the
+                constructors raise.
+        """
+        _fields(data, "a sweep dict", known=("sweep", "name"), required=("sweep",))
+        listed = data["sweep"]
+        if not isinstance(listed, list | tuple):
+            raise SpecError(
+                f"a sweep dict's 'sweep' must be a list of spec dicts, got "
+                f"{type(listed).__name__}: {listed!r}"
+            )
+        specs = []
+        for i, item in enumerate(listed):
+            try:
+                specs.append(spec_from_dict(item))
+            except SpecError as err:
+                raise SpecError(f"spec {i + 1} of a sweep dict: {err}") from None
+        return cls(*specs, name=data.get("name"))
 
     @checked_keywords
     def run(

@@ -20,7 +20,7 @@ from patchspec.layouts import POSITION_DIMS, layout
 from patchspec.plan.positions import Aligned, Positions
 from patchspec.plan.sizes import Sizes, size_origin
 from patchspec.sources import Clean, Corrupted, Receiver, Source
-from patchspec.spec import SOURCE_AXIS, PatchSpec, Slice
+from patchspec.spec import SOURCE_AXIS, PatchSpec, Slice, check_slice, plain_value
 
 
 @attrs.frozen
@@ -68,8 +68,19 @@ class Cell:
 
 
 def normalise_int(spec_label: str, dim: str, value: int, size: int, what: str) -> int:
+    """``value`` as an index into ``range(size)`` (negative ones count from the end).
+
+    Numpy and torch integers count as ints; bools do not.
+
+    Raises:
+        SpecError: not an int, or outside ``-size..size-1``.
+    """
+    value = plain_value(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{what} {dim}={value!r} must be an int")
+        raise SpecError(
+            f"{what} {dim}={value!r} in spec {spec_label!r} must be an int "
+            f"(got {type(value).__name__})"
+        )
     if not -size <= value < size:
         raise SpecError(
             f"{what} {dim}={value} in spec {spec_label!r} is outside the valid range "
@@ -149,7 +160,32 @@ def axis_values(
     return resolve(spec.label, axis, selector, size, "restriction")
 
 
-def resolve(label: str, dim: str, selector: Any, size: int, what: str) -> tuple[int, ...]:
+def resolve(
+    label: str, dim: str, selector: Any, size: int, what: str, *, aliases: bool = False
+) -> tuple[int, ...]:
+    """The indices into ``range(size)`` a selector picks: an int, a list of ints or a slice.
+
+    Args:
+        label: The spec's label, for errors.
+        dim: The dim, for errors.
+        selector: The selector (numpy and torch integers and arrays count as ints).
+        size: The dim's size.
+        what: What the selector is, for errors (``"restriction"``).
+        aliases: Merge entries that name the same index (``1`` and ``-1`` of a dim of 2) into
+            one, as a region selection may; by default they are refused, since a swept axis
+            would get the same coordinate twice and a restriction would name an index twice.
+
+    Raises:
+        SpecError: not ints, outside the dim, selecting nothing, or (unless ``aliases``)
+            two entries naming the same index.
+
+    Example:
+        >>> resolve("s", "layer", [0, -1], 3, "restriction")
+        (0, 2)
+    """
+    selector = plain_value(selector)
+    if isinstance(selector, slice):
+        selector = check_slice(f"{what} {dim}={selector!r} in spec {label!r}", selector)
     if isinstance(selector, Slice):
         values = selector.indices(size)
         if not values:
@@ -158,17 +194,24 @@ def resolve(label: str, dim: str, selector: Any, size: int, what: str) -> tuple[
                 f"({dim} has {size} entries)"
             )
         return values
-    if isinstance(selector, slice):
-        return resolve(label, dim, Slice(selector.start, selector.stop, selector.step), size, what)
     if isinstance(selector, int) and not isinstance(selector, bool):
         return (normalise_int(label, dim, selector, size, what),)
     if isinstance(selector, range | list | tuple):
-        values = tuple(normalise_int(label, dim, v, size, what) for v in selector)
+        given = tuple(plain_value(v) for v in selector)
+        values = tuple(normalise_int(label, dim, v, size, what) for v in given)
         if not values:
             raise SpecError(f"{what} {dim}={selector!r} in spec {label!r} selects nothing")
+        if len(set(values)) != len(values):
+            if aliases:
+                return tuple(dict.fromkeys(values))
+            index = next(v for i, v in enumerate(values) if v in values[:i])
+            named = [g for g, v in zip(given, values, strict=True) if v == index]
+            raise SpecError(
+                f"{what} {dim}={selector!r} in spec {label!r} names {dim} {index} more than "
+                f"once: {' and '.join(map(str, named))} are the same index ({dim} has {size} "
+                f"entries: {size_origin(dim)}); give each index once"
+            )
         return values
-    if hasattr(selector, "tolist"):  # tensors and arrays
-        return resolve(label, dim, selector.tolist(), size, what)
     raise SpecError(
         f"{what} {dim}={selector!r} in spec {label!r} must be an int, a list of ints or a slice"
     )
@@ -198,7 +241,13 @@ def regions_of(
         index: dict[str, Any] = {axis: cell[axis] for axis in spec.axes if axis != SOURCE_AXIS}
         what = "restriction"
     else:
-        out = spec.rule(dict(cell))
+        try:
+            out = spec.rule(dict(cell))
+        except Exception as err:  # the user's code: say which spec and cell, keep the cause
+            raise SpecError(
+                f"rule of spec {spec.label!r} raised {type(err).__name__}: {err} for cell "
+                f"{dict(cell)}"
+            ) from err
         if not isinstance(out, Mapping):
             raise SpecError(
                 f"rule of spec {spec.label!r} must return a mapping of dim -> index, "
@@ -212,11 +261,25 @@ def regions_of(
                 )
         index = dict(out)
         what = f"rule output for cell {dict(cell)}:"
+    from_rule = set(index) if spec.rule is not None else set()
     for key, selector in spec.restrictions:
         if key in lay.patch_dims and key not in spec.axes and key not in index:
             index[key] = selector
+
+    def how(dim: str) -> tuple[str, bool]:
+        """What a selection of ``dim`` is, for errors, and whether aliases merge: a rule's
+        output is a region (one index named twice is patched once); a restriction is not."""
+        return (what, True) if dim in from_rule else ("restriction", False)
+
     layers = (
-        resolve(spec.label, "layer", index.pop("layer"), sizes.n_layers, what)
+        resolve(
+            spec.label,
+            "layer",
+            index.pop("layer"),
+            sizes.n_layers,
+            how("layer")[0],
+            aliases=how("layer")[1],
+        )
         if "layer" in index
         else tuple(range(sizes.n_layers))
     )
@@ -228,10 +291,13 @@ def regions_of(
         elif is_named(index[dim]):
             named = True
             per_dim.append(
-                (dim, named_index(spec.label, dim, index[dim], positions, spec.receiver, what))
+                (dim, named_index(spec.label, dim, index[dim], positions, spec.receiver, how(dim)[0]))
             )
         else:
-            per_dim.append((dim, resolve(spec.label, dim, index[dim], sizes.size(dim), what)))
+            label, merge = how(dim)
+            per_dim.append(
+                (dim, resolve(spec.label, dim, index[dim], sizes.size(dim), label, aliases=merge))
+            )
     if named:
         source = aligned(spec.activation, source, positions)
     return tuple(Region(spec.activation, layer, tuple(per_dim), source) for layer in layers)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import attrs
 import numpy as np
 
+from patchspec.errors import SpecError
 from patchspec.layouts import Layout, layout
 from patchspec.plan.cells import (
     Cell,
@@ -41,7 +42,7 @@ from patchspec.plan.cells import (
 from patchspec.plan.positions import Positions
 from patchspec.plan.sizes import Sizes
 from patchspec.sources import Receiver, Source, source_labels
-from patchspec.spec import SOURCE_AXIS, AnySpec, JointSpec, PatchSpec
+from patchspec.spec import RESERVED_DIMS, SOURCE_AXIS, AnySpec, JointSpec, PatchSpec
 
 #: What the coordinates of an axis are: token or head indices, position names (resolved per
 #: prompt), value sources, or the listed values of a custom-rule axis.
@@ -251,12 +252,77 @@ class Grid:
         """The same grid restricted to explicit cells, given as coordinate indices per dim.
 
         Raises:
-            ValueError: a row of the wrong length or outside the coordinates.
+            SpecError: a row of the wrong length, not of ints, or outside the coordinates.
         """
-        table = np.asarray(rows, dtype=np.int64).reshape(-1, len(self.dims))
+        try:
+            table = np.asarray(rows, dtype=np.int64).reshape(-1, len(self.dims))
+        except (TypeError, ValueError, OverflowError) as err:
+            raise SpecError(
+                f"rows must be coordinate indices, one int per dim {self.dims}, got {rows!r}: {err}"
+            ) from None
         if table.size and ((table < 0).any() or (table >= np.asarray(self.shape)).any()):
-            raise ValueError(f"rows {table.tolist()} fall outside the grid of shape {self.shape}")
+            raise SpecError(f"rows {table.tolist()} fall outside the grid of shape {self.shape}")
         return attrs.evolve(self, rows=table)
+
+
+def repeated(values: Sequence[Any]) -> list[Any]:
+    """The values that occur more than once in ``values`` (in first-repeat order; works for
+    unhashable values too).
+
+    Example:
+        >>> repeated([1, 2, 1, 3, 2]), repeated([[0], [0]])
+        ([1, 2], [[0]])
+    """
+    out: list[Any] = []
+    try:
+        seen: set[Any] = set()
+        for v in values:
+            if v in seen and v not in out:
+                out.append(v)
+            seen.add(v)
+    except TypeError:  # unhashable labels
+        out = []
+        for i, v in enumerate(values):
+            if v in values[:i] and v not in out:
+                out.append(v)
+    return out
+
+
+def check_labels(
+    dims: Sequence[str], coords: Mapping[str, Sequence[Any]], what: str, parts: str = ""
+) -> None:
+    """Refuse a labelling with a repeated dim or a repeated coordinate along some dim.
+
+    Args:
+        dims: Result dims.
+        coords: Coordinate labels per dim.
+        what: What is labelled, for errors (``"spec 'resid_pre'"``).
+        parts: Extra context for errors (which parts own which dims).
+
+    Raises:
+        SpecError: naming the repeated dim or the dim and its repeated coordinates.
+
+    Example:
+        >>> check_labels(("layer", "pos"), {"layer": (0, 1), "pos": (3, 3)}, "spec 'x'")
+        Traceback (most recent call last):
+        ...
+        patchspec.errors.SpecError: spec 'x' would label dim 'pos' with the coordinate 3 more than once (coordinates (3, 3)); every cell needs its own label
+    """
+    clashes = repeated(list(dims))
+    if clashes:
+        raise SpecError(
+            f"{what} would have the dim {clashes[0]!r} twice (dims {tuple(dims)}){parts}; every "
+            "result dim needs its own name"
+        )
+    for dim in dims:
+        twice = repeated(list(coords[dim]))
+        if twice:
+            listed = ", ".join(repr(v) for v in twice)
+            raise SpecError(
+                f"{what} would label dim {dim!r} with the coordinate{'s' if len(twice) > 1 else ''} "
+                f"{listed} more than once (coordinates {tuple(coords[dim])}){parts}; every cell "
+                "needs its own label"
+            )
 
 
 def explicit_grid(
@@ -347,8 +413,10 @@ def compile(spec: AnySpec, sizes: Sizes, *, positions: Positions | None = None) 
             a swept position axis without a restriction sweeps the names, in the order given.
 
     Raises:
-        SpecError: a restriction falls outside its dim, or a named position is unknown or
-            given without ``positions``.
+        SpecError: a restriction falls outside its dim, selects nothing, or names one index
+            twice (``layer=[1, -1]`` on a 2-layer model); a named position is unknown or given
+            without ``positions``; or the grid would repeat a dim or a coordinate (a last check:
+            specs refuse what causes it when they are built).
 
     Example:
         >>> from patchspec import catalog
@@ -370,6 +438,20 @@ def _compile(spec: AnySpec, sizes: Sizes, positions: Positions | None) -> Grid:
         parts.append(_part(part, dims, first, sizes, positions))
         first += len(dims)
     coords = {axis.dim: axis.labels for part in parts for axis in part.axes}
+    owners = (
+        " (parts: "
+        + "; ".join(f"{p.spec.label!r} -> {', '.join(a.dim for a in p.axes) or 'no dims'}" for p in parts)
+        + ")"
+        if len(parts) > 1
+        else ""
+    )
+    check_labels(spec.dims, coords, f"spec {spec.label!r}", owners)
+    reserved = [d for d in spec.dims if d in RESERVED_DIMS]
+    if reserved:
+        raise SpecError(
+            f"spec {spec.label!r} has the dim {reserved[0]!r}, which the runner adds to results; "
+            "choose another axis name"
+        )
     grid = Grid(
         dims=spec.dims,
         coords=coords,

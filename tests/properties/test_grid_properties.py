@@ -1,4 +1,5 @@
-"""Hypothesis, model-free: compiled grids and their vectorised masks against plain oracles.
+"""Hypothesis, model-free: compiled grids and their vectorised masks against plain oracles;
+unique labels of compiled grids and plain-dict round trips of random specs.
 
 The batched engine's masks (``execute.masks``) are checked entry by entry against masks built
 by hand from each cell's explicit regions (``Grid.cell``), which is what the reference
@@ -7,13 +8,31 @@ estimator writes from; named positions that differ per prompt and swept sources 
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import numpy as np
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from patchspec import Clean, PatchSpec, Zero, catalog
+from patchspec import (
+    Clean,
+    Corrupted,
+    Gaussian,
+    JointSpec,
+    Mean,
+    PatchSpec,
+    Resample,
+    SpecError,
+    Sweep,
+    Zero,
+    catalog,
+    spec_from_dict,
+)
 from patchspec.execute.masks import part_writes, region_writes
+from patchspec.layouts import LAYOUTS
 from patchspec.plan import PerExample, Region, Sizes, compile, resolve_positions
 from tests.properties.test_spec_properties import SIZES, specs
 
@@ -131,3 +150,179 @@ def test_compile_is_cached_and_cells_are_implicit() -> None:
     assert grid.labels(589_823) == (11, 11, 63, 63)
     subset = grid.with_rows([[1, 2, 3, 4]])
     assert subset.n_cells == 1 and subset.labels(0) == (1, 2, 3, 4)
+
+
+# --- labels: unique dims and coordinates, and plain-dict round trips ---------------------------
+
+SOURCES = (Clean(), Corrupted(), Zero(), Zero(receiver="corrupted"), Mean(), Gaussian(scale=0.1), Resample(seed=3))
+
+
+def indices(size: int) -> st.SearchStrategy[object]:
+    """An index of a dim of ``size``, possibly negative, as a Python, numpy or torch int."""
+    return st.integers(-size, size - 1).flatmap(
+        lambda v: st.sampled_from([v, np.int64(v), torch.tensor(v)])
+    )
+
+
+@st.composite
+def selectors(draw: st.DrawFn, size: int) -> object:
+    """Any restriction of a dim of ``size``: indices that may alias (``1`` and ``-1``), lists of
+    them, slices with any bounds and non-zero steps, numpy and torch arrays."""
+    bound = st.none() | st.integers(-size - 2, size + 2)
+    return draw(
+        st.one_of(
+            indices(size),
+            st.lists(st.integers(-size, size - 1), unique=True, min_size=1, max_size=size + 1),
+            st.lists(st.integers(-size, size - 1), unique=True, min_size=1, max_size=3).map(np.asarray),
+            st.lists(st.integers(-size, size - 1), unique=True, min_size=1, max_size=3).map(torch.tensor),
+            st.builds(slice, bound, bound, st.none() | st.integers(-3, 3).filter(bool)),
+        )
+    )
+
+
+@st.composite
+def any_specs(draw: st.DrawFn, receiver: str | None = None) -> PatchSpec:
+    """A random spec with any restrictions (aliasing ones included), a source of the given
+    receiving run (or any), and maybe a name and a swept source axis."""
+    activation = draw(st.sampled_from(sorted(LAYOUTS)))
+    dims = list(LAYOUTS[activation].patch_dims)
+    axes = draw(st.lists(st.sampled_from(dims), unique=True, max_size=3))
+    restrictions = {
+        dim: draw(selectors(SIZES.size(dim)))
+        for dim in draw(st.lists(st.sampled_from(dims), unique=True, max_size=3))
+    }
+    pool = [s for s in SOURCES if receiver is None or s.receiver == receiver]
+    source = draw(st.sampled_from(pool))
+    spec = PatchSpec(
+        activation,
+        axes=tuple(axes),
+        restrictions=restrictions,
+        source=source,
+        name=draw(st.none() | st.text("abcxyz_", min_size=1, max_size=6)),
+    )
+    if draw(st.booleans()):
+        same = [s for s in SOURCES if s.receiver == source.receiver]
+        spec = spec.over_sources(*draw(st.lists(st.sampled_from(same), unique=True, min_size=1, max_size=3)))
+    return spec
+
+
+def _compiled_or_refused(spec: PatchSpec | JointSpec):
+    """The grid, or None where compile refuses the restrictions with a SpecError that names the
+    reason (an alias, an empty or out-of-range selection)."""
+    try:
+        return compile(spec, SIZES)
+    except SpecError as err:
+        assert re.search(r"more than once|selects nothing|outside the valid range", str(err)), err
+        return None
+
+
+def _assert_unique_labels(grid) -> None:
+    assert len(set(grid.dims)) == len(grid.dims)
+    for dim in grid.dims:
+        assert len(set(grid.coords[dim])) == len(grid.coords[dim]), (dim, grid.coords[dim])
+    assert grid.n_cells == math.prod(len(grid.coords[d]) for d in grid.dims)
+
+
+@given(any_specs())
+def test_compiled_coordinates_and_dims_are_unique(spec: PatchSpec) -> None:
+    """However a spec is restricted, a compiled grid has distinct dims and, along each, distinct
+    coordinates: restrictions that alias one index (1 and -1 of 2 layers) are refused."""
+    grid = _compiled_or_refused(spec)
+    if grid is not None:
+        _assert_unique_labels(grid)
+        for part in grid.parts:
+            for _dim, selection in part.fixed:
+                if isinstance(selection, tuple):
+                    assert len(set(selection)) == len(selection)
+
+
+@given(st.sampled_from(["clean", "corrupted"]).flatmap(lambda r: st.lists(any_specs(r), min_size=2, max_size=3)))
+def test_joint_grids_have_unique_dims_and_coordinates(parts: list[PatchSpec]) -> None:
+    """Joint specs of any parts (the same spec twice included) number shared axes apart."""
+    grid = _compiled_or_refused(JointSpec(parts))
+    if grid is not None:
+        _assert_unique_labels(grid)
+        assert grid.dims == JointSpec(parts).dims
+
+
+def _round_trip(value, load):
+    """``load(json(value.to_dict()))``: plain data through JSON and back."""
+    return load(json.loads(json.dumps(value.to_dict())))
+
+
+@given(any_specs())
+def test_spec_dict_round_trip_through_json(spec: PatchSpec) -> None:
+    """Every spec (slices, negative and numpy indices, sources, names) survives to_dict -> JSON
+    -> from_dict as an equal value with an equal hash."""
+    again = _round_trip(spec, PatchSpec.from_dict)
+    assert again == spec and hash(again) == hash(spec)
+    assert spec_from_dict(spec.to_dict()) == spec
+
+
+@given(
+    st.sampled_from(["clean", "corrupted"]).flatmap(lambda r: st.lists(any_specs(r), min_size=2, max_size=3)),
+    st.none() | st.text("jk", min_size=1, max_size=3),
+)
+def test_joint_spec_dict_round_trip(parts: list[PatchSpec], name: str | None) -> None:
+    """Joint specs round-trip through spec_from_dict, names included."""
+    joint = JointSpec(parts, name=name)
+    assert _round_trip(joint, spec_from_dict) == joint
+
+
+@given(st.lists(any_specs(), min_size=1, max_size=3, unique_by=lambda s: s.label), st.none() | st.text("s", min_size=1, max_size=2))
+def test_sweep_dict_round_trip(specs_: list[PatchSpec], name: str | None) -> None:
+    """Sweeps round-trip through Sweep.from_dict."""
+    sweep = Sweep(*specs_, name=name)
+    assert _round_trip(sweep, Sweep.from_dict) == sweep
+
+
+#: Any plain value a user might pass where a spec takes one.
+JUNK = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=4)
+    | st.binary(max_size=3)
+    | st.builds(slice, st.none() | st.integers(-9, 9) | st.floats() | st.text(max_size=1), st.none() | st.integers(-9, 9), st.none() | st.integers(-3, 3) | st.booleans())
+    | st.sampled_from([np.int64(1), np.bool_(False), np.float32(2.0), torch.tensor(1), torch.tensor(True), torch.tensor([1.5]), np.array([[0, 1]]), np.array(["S", "T"]), object()]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2) | st.frozensets(st.integers(0, 3), max_size=2),
+    max_leaves=6,
+)
+
+
+def _spec_error_or_fine(build) -> object:
+    """``build()``'s value, or None where it raised a SpecError (any other error fails)."""
+    try:
+        return build()
+    except SpecError:
+        return None
+
+
+@given(any_specs(), st.sampled_from(["layer", "pos", "head", "kv_head", "neuron", "src_pos", "x"]), JUNK)
+def test_any_restriction_value_is_fine_or_a_spec_error(spec: PatchSpec, dim: str, value: object) -> None:
+    """Whatever value restricts whatever dim, building and compiling the spec either works or
+    raises SpecError: never a raw TypeError, ValueError, KeyError or IndexError."""
+    narrowed = _spec_error_or_fine(lambda: spec.sel(**{dim: value}))
+    if isinstance(narrowed, PatchSpec):
+        grid = _spec_error_or_fine(lambda: compile(narrowed, SIZES))
+        if grid is not None:
+            _assert_unique_labels(grid)
+        assert PatchSpec.from_dict(narrowed.to_dict()) == narrowed
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["activation", "axes", "restrictions", "source", "name", "joint", "sweep", "nmae"]),
+        JUNK | st.sampled_from(["z", "resid_pre", ["layer"], ["layer", "pos"], {"pos": -1}, {"kind": "zero"}]),
+        max_size=5,
+    )
+)
+def test_any_dict_is_a_spec_or_a_spec_error(data: dict) -> None:
+    """from_dict of any dict (and of its parts as joint and sweep lists) builds a value or
+    raises SpecError."""
+    _spec_error_or_fine(lambda: PatchSpec.from_dict(data))
+    _spec_error_or_fine(lambda: spec_from_dict(data))
+    _spec_error_or_fine(lambda: Sweep.from_dict(data))
+    _spec_error_or_fine(lambda: spec_from_dict({"joint": [data, data]}))
+    _spec_error_or_fine(lambda: Sweep.from_dict({"sweep": [data]}))
