@@ -395,11 +395,39 @@ def _run_specs(
         model, clean, corrupted, metric, options=options, positions=positions, reference=reference
     )
     grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
+    check_shared_dims(specs, grids)
     arrays = []
     for spec, grid in zip(specs, grids, strict=True):
         values, evaluate, clean_base, corrupted_base = run_grid(run, grid, spec.label)
         arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
     return arrays
+
+
+def _coordinate_kind(values: Sequence[Any]) -> str:
+    kinds = {"name" if isinstance(v, str) else "index" if isinstance(v, int) else "label" for v in values}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def check_shared_dims(specs: Sequence[AnySpec], grids: Sequence[Grid]) -> None:
+    """Refuse specs of one sweep whose shared dims hold coordinates of different kinds.
+
+    A Sweep's Dataset joins its variables along the dims they share; position names on one and
+    token indices on the other would turn every label into a string.
+
+    Raises:
+        InputError: the dim, and which spec has which kind of coordinates.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for spec, grid in zip(specs, grids, strict=True):
+        for dim in grid.dims:
+            kind = _coordinate_kind(grid.coords[dim])
+            first = seen.setdefault(dim, (kind, spec.label))
+            if first[0] != kind:
+                raise InputError(
+                    f"specs {first[1]!r} and {spec.label!r} of one sweep both have dim {dim!r}, "
+                    f"with {first[0]} coordinates in one and {kind} coordinates in the other; a "
+                    "Dataset cannot join them; run them as separate sweeps"
+                )
 
 
 def to_dataset(sweep: Sweep, arrays: Sequence[xr.DataArray]) -> xr.Dataset:

@@ -468,7 +468,7 @@ def source_from_dict(data: Mapping[str, Any]) -> Source:
         raise SpecError(f"a source is a dict with a 'kind', got {type(data).__name__}: {data!r}")
     fields = dict(data)
     kind = fields.pop("kind", None)
-    if kind not in SOURCES:
+    if not isinstance(kind, str) or kind not in SOURCES:
         raise SpecError(
             f"unknown source kind {kind!r}; valid kinds are {', '.join(SOURCES)}"
             f"{did_you_mean(str(kind), SOURCES)}"

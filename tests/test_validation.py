@@ -48,3 +48,22 @@ def test_swept_sources_are_checked_too(gpt2, tokens) -> None:
     spec = catalog.RESID_PRE.over_sources(Mean(), Resample())
     with no_forward(gpt2), pytest.raises(InputError, match="at least two prompts"):
         spec.run(gpt2, clean, corrupted, per_example_metric)
+
+
+def test_sweep_of_different_coordinates_joins_them(gpt2, tokens) -> None:
+    """Specs measured at different positions share one Dataset: NaN where not measured."""
+    clean, corrupted = tokens
+    sweep = Sweep(catalog.RESID_PRE, catalog.ATTN_OUT.sel(pos=[-1]))
+    ds = sweep.run(gpt2, clean, corrupted, per_example_metric)
+    assert list(ds.pos.values) == list(range(6)) and len(ds.pos_token) == 6
+    assert bool(ds.attn_out.sel(pos=slice(0, 4)).isnull().all())
+    assert not bool(ds.attn_out.sel(pos=5).isnull().any())
+    assert ds.attn_out.attrs["spec_name"] != ds.resid_pre.attrs["spec_name"]
+
+
+def test_sweep_mixing_named_and_index_coordinates_is_refused(gpt2, tokens) -> None:
+    """Position names in one spec and token indices in another cannot share a dim."""
+    clean, corrupted = tokens
+    sweep = Sweep(catalog.RESID_PRE.sel(pos=[0, 1]), catalog.ATTN_OUT.sel(pos=["END"]))
+    with no_forward(gpt2), pytest.raises(InputError, match=r"both have dim 'pos', with index .* and name"):
+        sweep.run(gpt2, clean, corrupted, per_example_metric, positions={"END": [5, 5]})

@@ -6,6 +6,7 @@ from typing import Any
 
 import attrs
 
+from patchspec.errors import SpecError, did_you_mean
 from patchspec.layouts import DIM_SIZES, layout
 
 
@@ -39,7 +40,7 @@ class Sizes:
         """The size of a named dim (``layer`` included).
 
         Raises:
-            KeyError: an unknown dim name.
+            SpecError: an unknown dim name (also a ``ValueError``).
         """
         table = {
             "layer": self.n_layers,
@@ -53,6 +54,11 @@ class Sizes:
             "d_model": self.d_model,
             "d_head": self.d_head,
         }
+        if dim not in table:
+            raise SpecError(
+                f"dim {dim!r} has no known size; sized dims are {', '.join(table)}"
+                f"{did_you_mean(dim, table)}"
+            )
         return table[dim]
 
     def shape(self, activation: str) -> tuple[int, ...]:
