@@ -113,7 +113,7 @@ def _source_receiver(source: Any) -> str | None:
 
     try:
         return str(source_from_dict(source).receiver)
-    except Exception:  # an unregistered custom source: trust its recorded field
+    except ValueError:  # SpecError: an unregistered custom source; trust its recorded field
         receiver = source.get("receiver")
         return str(receiver) if receiver is not None else None
 
@@ -135,7 +135,8 @@ def _legacy_receiver(data: xr.DataArray | xr.Dataset, direction: str | None) -> 
     attributes = data.attrs
     if direction in _EXPECTED_RECEIVER:
         return _EXPECTED_RECEIVER[direction]
-    how = f"set it, e.g. result.attrs['receiver'] = 'clean' (one of {', '.join(map(repr, RECEIVERS))})"
+    valid = ", ".join(map(repr, RECEIVERS))
+    how = f"set it, e.g. result.attrs['receiver'] = 'clean' (one of {valid})"
     sources = attributes.get("sources")
     if isinstance(sources, list | tuple) and sources:
         receivers = {_source_receiver(s) for s in sources}
@@ -451,10 +452,27 @@ def _rankable(data: xr.DataArray) -> xr.DataArray:
             "the effect (result.patch.top(k)) and read its p-values, or list the smallest "
             "with p.to_series().nsmallest(k)"
         )
-    return effect(data) if is_raw(data) else data
+    if not is_raw(data):
+        return data
+    try:
+        return effect(data)
+    except InputError as err:
+        raise InputError(
+            f"top() ranks a raw result by its effect, measured from the receiving run's "
+            f"baseline, and that failed: {err}. Rank before reducing (top() averages over "
+            f"'example' itself: result.patch.top(k)), or rank effect() or normalized() output"
+        ) from None
 
 
 def _top_flat(data: xr.DataArray, k: int, absolute: bool, dim: str) -> xr.DataArray:
+    metrics = data.sizes.get("metric", 1)
+    if metrics > 1 and data.attrs.get("quantity") == "effect":
+        names = data["metric"].values.tolist() if "metric" in data.coords else list(range(metrics))
+        raise InputError(
+            f"top() would rank effects of {metrics} metrics {names} against each other, each in "
+            "its own units; rank one metric, e.g. result.sel(metric=...).patch.top(k), or the "
+            "normalized() values, which share one scale"
+        )
     if dim in data.dims:
         data = data.mean(dim, keep_attrs=True)
     if not data.dims:
@@ -498,7 +516,8 @@ def top(
         ``.to_dataframe()`` turns it into a table. NaN cells (not measured) are never ranked.
 
     Raises:
-        InputError: ``k`` is not positive, the result has no dims, or holds p-values.
+        InputError: ``k`` is not positive, the result has no dims, holds p-values, or holds
+            effects of several metrics (a ``metric`` dim: their units differ).
 
     Example:
         >>> r = xr.DataArray([[0.1, -3.0], [2.0, 0.5]], dims=("layer", "pos"),

@@ -326,6 +326,11 @@ def test_several_metrics_normalize_each_with_its_own_baselines(gpt2):
     # The attrs alone (coords dropped) give the same numbers.
     bare = r.drop_vars(["clean_baseline", "corrupted_baseline"])
     xr.testing.assert_allclose(bare.patch.normalized(), norm)
+    # Effects in two metrics' units do not rank against each other; fractions do.
+    with pytest.raises(InputError, match=r"effects of 2 metrics \['diff', 'neg'\]"):
+        r.patch.top(3)
+    assert norm.patch.top(3).dims == ("rank",)
+    assert r.sel(metric="neg").patch.top(1).attrs["quantity"] == "effect"
 
 
 def test_analysis_guide_examples_run(monkeypatch, tmp_path):
@@ -410,7 +415,7 @@ def test_noising_and_ablation_measure_from_the_clean_baseline(toy_sweep):
         assert (norm.attrs["receiver"], norm.attrs["quantity"]) == ("clean", "normalized")
         inert = cells(norm.mean("example"), INERT)
         assert np.abs(inert).max() < 0.01
-        # What main measured: patched - corrupted, the whole gap (about +25) for heads doing nothing.
+        # What was measured before: patched - corrupted, the whole gap (about +25) for idle heads.
         old = cells((r - corrupted).mean("example"), INERT)
         assert old.min() > 20
     noising = toy_sweep["noising"].patch.normalized().mean("example")
@@ -430,8 +435,18 @@ def test_inert_heads_are_not_significant_and_circuit_heads_are(toy_sweep):
         assert cells(p, inert[name]).min() > 0.1, name
 
 
+def test_stats_function_tests_the_effect_of_a_raw_result(toy_sweep):
+    """``stats.permutation_pvalue(raw)`` tests the direction-aware effect, as the accessor does."""
+    r = toy_sweep["noising"]
+    xr.testing.assert_identical(stats.permutation_pvalue(r), r.patch.permutation_pvalue())
+    xr.testing.assert_identical(
+        stats.permutation_pvalue(r, correction=None),
+        stats.permutation_pvalue(r.patch.effect(), correction=None),
+    )
+
+
 def test_denoising_is_unchanged(toy_sweep):
-    """Denoising keeps ``patched - corrupted`` and ``(patched - corrupted) / (clean - corrupted)``."""
+    """Denoising keeps ``patched - corrupted`` and its fraction of ``clean - corrupted``."""
     r = toy_sweep["head_out"]
     clean, corrupted = r.patch.baselines()
     bare = ["clean_baseline", "corrupted_baseline"]
