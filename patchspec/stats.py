@@ -282,10 +282,8 @@ def _adjust_family(p: np.ndarray, method: str) -> np.ndarray:
 
 
 def _adjust_rows(p: np.ndarray, *, method: str) -> np.ndarray:
-    """``p[..., family]``: each row along the last axis is one family."""
-    rows = p.reshape(-1, p.shape[-1]) if p.ndim else p.reshape(1, 1)
-    adjusted = np.stack([_adjust_family(row, method) for row in rows])
-    return adjusted.reshape(p.shape)
+    """``p[families, cells]``: each row is one family."""
+    return np.stack([_adjust_family(row, method) for row in p]).reshape(p.shape)
 
 
 def _check_pvalues(p: xr.DataArray, what: str) -> None:
@@ -354,16 +352,16 @@ def adjust_pvalues(
             _check_pvalues(p[name], "adjust_pvalues")
         flat = np.concatenate([np.asarray(p[n].values, np.float64).ravel() for n in names])
         adjusted = _adjust_family(flat, method)
-        out = p.copy()
+        corrected = p.copy()
         start = 0
         for name in names:
             size = p[name].size
             var = p[name].copy(data=adjusted[start : start + size].reshape(p[name].shape))
             var.attrs["correction"] = method
-            out[name] = var
+            corrected[name] = var
             start += size
-        out.attrs["correction"] = method
-        return out
+        corrected.attrs["correction"] = method
+        return corrected
     if not isinstance(p, xr.DataArray):
         raise InputError(
             f"adjust_pvalues needs an xarray DataArray or Dataset, got {type(p).__name__}"
@@ -382,18 +380,11 @@ def adjust_pvalues(
                 f"dims={dim!r} is not a dim of the p-values; their dims are {tuple(p.dims)}"
                 f"{did_you_mean(dim, [str(d) for d in p.dims])}"
             )
-    order = p.dims
-    stacked = p.stack(_family=family) if family else p.expand_dims(_family=1)
-    adjusted = xr.apply_ufunc(
-        _adjust_rows,
-        stacked,
-        input_core_dims=[["_family"]],
-        output_core_dims=[["_family"]],
-        kwargs={"method": method},
-        keep_attrs=True,
-    )
-    out = adjusted.unstack("_family") if family else adjusted.squeeze("_family", drop=True)
-    out = out.transpose(*order).assign_coords({k: p.coords[k] for k in p.coords})
+    others = [str(d) for d in p.dims if d not in family]
+    moved = p.transpose(*others, *family)  # each family's cells last, then one family per row
+    size = math.prod(p.sizes[d] for d in family)
+    adjusted = _adjust_rows(np.asarray(moved.values, np.float64).reshape(-1, size), method=method)
+    out = moved.copy(data=adjusted.reshape(moved.shape)).transpose(*p.dims)
     out.attrs = {**p.attrs, "correction": method}
     return out
 

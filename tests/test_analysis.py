@@ -648,6 +648,9 @@ def test_corrections_within_families():
     assert per_layer.dims == TABLE.dims
     whole = stats.adjust_pvalues(TABLE, "holm", dims=("layer", "head"))
     xr.testing.assert_identical(whole, stats.adjust_pvalues(TABLE, "holm"))
+    bare = TABLE.drop_vars(["layer", "head"]).assign_coords(token=("head", ["a", "b", "c"]))
+    out = stats.adjust_pvalues(bare, dims="layer")  # the coords stay exactly the input's
+    xr.testing.assert_identical(out.coords.to_dataset(), bare.coords.to_dataset())
 
 
 def test_permutation_pvalue_corrects_every_cell_by_default():
