@@ -20,7 +20,7 @@ prompts = induction_prompts(n=8, length=8, seed=3, corruption="query")
 metric = ps.metrics.logprob(prompts.answer, reduce="none")  # one value per prompt -> `example` dim
 
 heads = catalog.HEAD_OUT.run(model, prompts.clean, prompts.corrupted, metric, progress=False)
-recovery = heads.patch.normalized()  # (patched - corrupted) / (clean - corrupted), per prompt
+recovery = heads.patch.normalized()  # denoising: attrs["formula"] is (patched - corrupted) / (clean - corrupted)
 mean = recovery.mean("example")
 low_high = recovery.patch.bootstrap_ci(n_resamples=500)
 print("fraction of the clean log-probability restored by patching each head (mean over 8 prompts):")

@@ -47,7 +47,50 @@ def _as_array(result: xr.DataArray | xr.Dataset) -> xr.DataArray:
             "e.g. plot(ds['<name>'])"
         )
     array = result.to_dataarray(dim="spec", name=str(result.attrs.get("metric", "value")))
-    return array.assign_attrs(result.attrs)
+    array = array.assign_attrs(result.attrs)
+    notes = {str(name): describe(var) for name, var in result.data_vars.items()}
+    keys = ("quantity", "formula", "receiver", "direction", "correction", "tested")
+    if len(set(notes.values())) == 1:  # one meaning: say it once, in the title and colour bar
+        first = next(iter(result.data_vars.values()))
+        array.attrs.update({k: first.attrs[k] for k in keys if k in first.attrs})
+    else:  # specs that mean different things (a denoising and a noising spec): say it per panel
+        for key in keys:
+            array.attrs.pop(key, None)
+        quantities = {var.attrs.get("quantity") for var in result.data_vars.values()}
+        if len(quantities) == 1 and None not in quantities:
+            array.attrs["quantity"] = quantities.pop()
+        array.attrs["formula_by_spec"] = notes
+    return array
+
+
+def describe(data: xr.DataArray) -> str:
+    """What the values of a result mean, for titles: direction and formula.
+
+    ``"noising: (clean - patched) / (clean - corrupted)"`` for a derived quantity,
+    ``"p-value (bh) of clean - patched"`` for p-values, ``"denoising: patched values (corrupted
+    run)"`` for raw results that record their direction, ``""`` when nothing is recorded.
+
+    Example:
+        >>> a = xr.DataArray([0.5], dims="layer", attrs={"quantity": "normalized",
+        ...     "formula": "(clean - patched) / (clean - corrupted)", "direction": "noising"})
+        >>> describe(a)
+        'noising: (clean - patched) / (clean - corrupted)'
+    """
+    attributes = data.attrs
+    quantity = attributes.get("quantity")
+    direction = attributes.get("direction")
+    formula = attributes.get("formula")
+    lead = f"{direction}: " if direction else ""
+    if quantity == "pvalue":
+        correction = attributes.get("correction")
+        how = f" ({correction})" if correction and correction != "none" else " (uncorrected)"
+        return f"{lead}p-value{how} of {formula or attributes.get('tested') or 'the values'}"
+    if quantity:
+        return f"{lead}{formula or quantity}"
+    receiver = attributes.get("receiver")
+    if receiver:
+        return f"{lead}patched values ({receiver} run)"
+    return ""
 
 
 def placement(
@@ -147,6 +190,7 @@ def _facets(
     """``(isel, (row, col) of the axes, title)`` of each facet."""
     n_col = data.sizes[col] if col else 1
     n_row = data.sizes[row] if row else 1
+    notes = data.attrs.get("formula_by_spec") or {}
     out = []
     for r in range(n_row):
         for c in range(n_col):
@@ -156,6 +200,8 @@ def _facets(
                 if dim is not None:
                     where[dim] = i
                     title.append(f"{dim} = {tick_labels(data, dim)[i]}")
+                    if dim == "spec" and notes.get(str(data[dim].values[i])):
+                        title[-1] += f"\n{notes[str(data[dim].values[i])]}"
             place = (r, c) if not col_wrap or row else divmod(c, col_wrap)
             out.append((where, place, ", ".join(title)))
     return out
@@ -187,7 +233,8 @@ def plot(
         reduce: Dim averaged over first when present (``None``: keep it).
         cmap: A diverging matplotlib colormap; NaN (not measured) cells are drawn grey.
         vmax: Colour limit (``[-vmax, vmax]``); default the largest absolute value.
-        title: Figure title; default the result's name and spec.
+        title: Figure title; default the result's name and spec, and what the values mean
+            (:func:`describe`: direction and formula, e.g. ``noising: clean - patched``).
         figsize: Figure size in inches; default from the number of cells.
         dpi: Resolution of the saved file.
 
@@ -219,7 +266,9 @@ def plot(
     n_x = data.sizes[x_dim]
     n_y = data.sizes[y_dim] if y_dim else 1
     if figsize is None:
-        width = min(40.0, max(4.0, n_cols * (1.5 + 0.35 * n_x)) + 1.0)
+        longest = max((len(line) for _, _, t in facets for line in t.split("\n")), default=0)
+        panel_width = max(1.5 + 0.35 * n_x, 0.075 * longest)  # room for the facet titles
+        width = min(40.0, max(4.0, n_cols * panel_width) + 1.0)
         height = min(40.0, max(3.0, n_rows * (1.2 + 0.3 * n_y)) + 0.8)
         figsize = (width, height)
     fig = Figure(figsize=figsize, layout="constrained")
@@ -247,13 +296,18 @@ def plot(
             if (r, c) not in used:
                 axes[r][c].set_visible(False)
     label = str(data.attrs.get("metric", data.name or "value"))
+    meaning = describe(data)
     quantity = data.attrs.get("quantity")
-    if quantity:
-        label = f"{label} ({quantity})"
+    if quantity == "pvalue":
+        label = f"{label}: p-value"
+    elif quantity:
+        label = f"{label}: {data.attrs.get('formula') or quantity}"
     fig.colorbar(image, ax=[a for row_axes in axes for a in row_axes], label=label, shrink=0.9)
     if title is None:
         spec = data.attrs.get("spec_name")
-        title = " · ".join(str(t) for t in (data.name, spec) if t) + note
+        title = " · ".join(dict.fromkeys(str(t) for t in (data.name, spec) if t)) + note
+        if meaning:
+            title = f"{title}\n{meaning}" if title else meaning
     if title:
         fig.suptitle(title)
     if path is not None:
@@ -332,7 +386,7 @@ def plot_interactive(
         zmax=limit,
         aspect="auto",
         labels={"x": x_dim, "y": y_dim or "", "color": str(data.name or "value")},
-        title=f"{data.name or ''}{note}",
+        title=" · ".join(t for t in (f"{data.name or ''}{note}", describe(data)) if t),
     )
     if col_dim:
         names = tick_labels(data, col_dim)

@@ -14,6 +14,16 @@ so ``bootstrap_ci`` and ``permutation_pvalue`` give TransformerLens's numbers (t
 for the same per-example values and seed. One deliberate difference: ``statistic="median"``
 is the usual median (the mean of the two middle values for an even count), where
 TransformerLens takes ``torch.median``'s lower middle value; the two agree for odd counts.
+
+A grid of cells is a grid of tests: at 8 prompts the smallest two-sided sign-flip p-value is
+``2 / 2**8 = 0.0078``, and among 100 cells that do nothing about 5 fall under 0.05 by chance.
+:func:`permutation_pvalue` therefore adjusts the p-values of every cell together, by default
+with the Benjamini-Hochberg procedure (Benjamini & Hochberg 1995, "Controlling the False
+Discovery Rate", via :func:`scipy.stats.false_discovery_control`), which controls the expected
+fraction of false discoveries; Benjamini-Yekutieli (2001, any dependence), Holm (1979, "A
+Simple Sequentially Rejective Multiple Test Procedure") and Bonferroni, which control the
+chance of any false discovery, are available, and :func:`adjust_pvalues` applies them to any
+array of p-values.
 """
 
 from __future__ import annotations
@@ -21,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+import scipy.stats
 import torch
 import xarray as xr
 
@@ -31,9 +43,13 @@ from patchspec.errors import InputError, did_you_mean
 
 Alternative = Literal["two-sided", "greater", "less"]
 Statistic = Literal["mean", "median"]
+Correction = Literal["bh", "by", "holm", "bonferroni"]
 
 ALTERNATIVES: tuple[str, ...] = ("two-sided", "greater", "less")
 STATISTICS: tuple[str, ...] = ("mean", "median")
+#: Multiple-comparison corrections: Benjamini-Hochberg and Benjamini-Yekutieli (false discovery
+#: rate), Holm and Bonferroni (family-wise error rate).
+CORRECTIONS: tuple[str, ...] = ("bh", "by", "holm", "bonferroni")
 #: Resamples (or sign patterns) drawn per call of the generator, as TransformerLens draws them.
 CHUNK = 256
 #: Resampled values held in memory at once (float64 elements) while reducing.
@@ -224,6 +240,155 @@ def _pvalue(values: np.ndarray, *, n_permutations: int, seed: int, alternative: 
     return np.where(np.isnan(observed[..., 0]), np.nan, pvalue)
 
 
+def check_correction(correction: str | None) -> None:
+    """Refuse an unknown correction name (``None`` or ``"none"``: no correction).
+
+    Example:
+        >>> check_correction("holm")
+        >>> try:
+        ...     check_correction("bonferoni")
+        ... except InputError as err:
+        ...     print(str(err).split("; ")[-1])
+        did you mean 'bonferroni'?
+    """
+    if correction is None or correction == "none":
+        return
+    if not isinstance(correction, str) or correction not in CORRECTIONS:
+        raise InputError(
+            f"correction must be one of {', '.join(map(repr, CORRECTIONS))} or None, got "
+            f"{correction!r}{did_you_mean(str(correction), CORRECTIONS)}"
+        )
+
+
+def _adjust_family(p: np.ndarray, method: str) -> np.ndarray:
+    """Adjusted p-values of one family (1-D); NaN entries are not tests and stay NaN."""
+    out = np.full(p.shape, np.nan)
+    keep = ~np.isnan(p)
+    x = p[keep]
+    m = x.size
+    if m == 0:
+        return out
+    if method in ("bh", "by"):
+        adjusted = scipy.stats.false_discovery_control(x, method=method)
+    elif method == "bonferroni":
+        adjusted = np.minimum(1.0, x * m)
+    else:  # holm: step down, the i-th smallest times (m - i), kept monotone
+        order = np.argsort(x, kind="stable")
+        steps = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * x[order]))
+        adjusted = np.empty(m)
+        adjusted[order] = steps
+    out[keep] = adjusted
+    return out
+
+
+def _adjust_rows(p: np.ndarray, *, method: str) -> np.ndarray:
+    """``p[families, cells]``: each row is one family."""
+    return np.stack([_adjust_family(row, method) for row in p]).reshape(p.shape)
+
+
+def _check_pvalues(p: xr.DataArray, what: str) -> None:
+    values = np.asarray(p.values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+        raise InputError(
+            f"{what} needs p-values in [0, 1], but {p.name!r} holds values from "
+            f"{finite.min():g} to {finite.max():g}; pass the output of permutation_pvalue(..., "
+            "correction=None), not effects"
+        )
+    done = p.attrs.get("correction")
+    if done not in (None, "none"):
+        raise InputError(
+            f"{p.name!r} is already corrected (attrs['correction'] == {done!r}); adjust the "
+            "raw p-values (permutation_pvalue(..., correction=None)) once"
+        )
+
+
+def adjust_pvalues(
+    p: xr.DataArray | xr.Dataset,
+    method: Correction = "bh",
+    *,
+    dims: str | Sequence[str] | None = None,
+) -> xr.DataArray | xr.Dataset:
+    """Adjust p-values for testing many cells at once.
+
+    ``"bh"`` (Benjamini-Hochberg) and ``"by"`` (Benjamini-Yekutieli) control the false discovery
+    rate (:func:`scipy.stats.false_discovery_control`); ``"holm"`` and ``"bonferroni"`` control
+    the family-wise error rate. NaN cells (not measured) are not tests: they are left out of the
+    family and stay NaN.
+
+    Args:
+        p: Raw p-values, e.g. ``permutation_pvalue(..., correction=None)``. For a Dataset, every
+            cell of every variable is one family.
+        method: The correction.
+        dims: The dims one family spans (DataArrays only); each combination of the other dims is
+            a family of its own. Default: every dim, one family for the whole array.
+
+    Returns:
+        Adjusted p-values, same dims and coords, with ``attrs["correction"] = method``.
+
+    Raises:
+        InputError: an unknown method or dim, values outside [0, 1], or p-values that are
+            already corrected.
+
+    Example:
+        >>> p = xr.DataArray([0.01, 0.04, 0.03, np.nan], dims="head")
+        >>> adjust_pvalues(p, "bh").values.round(3).tolist()
+        [0.03, 0.04, 0.04, nan]
+        >>> adjust_pvalues(p, "holm").values.round(3).tolist()
+        [0.03, 0.06, 0.06, nan]
+    """
+    check_correction(method)
+    if method is None or method == "none":
+        raise InputError("adjust_pvalues needs a correction method, got None")
+    if isinstance(p, xr.Dataset):
+        if dims is not None:
+            raise InputError(
+                "adjust_pvalues of a Dataset corrects every cell of every variable as one "
+                "family; for families along dims, adjust each variable: adjust_pvalues(ds[name], "
+                "method, dims=...)"
+            )
+        names = list(p.data_vars)
+        for name in names:
+            _check_pvalues(p[name], "adjust_pvalues")
+        flat = np.concatenate([np.asarray(p[n].values, np.float64).ravel() for n in names])
+        adjusted = _adjust_family(flat, method)
+        corrected = p.copy()
+        start = 0
+        for name in names:
+            size = p[name].size
+            var = p[name].copy(data=adjusted[start : start + size].reshape(p[name].shape))
+            var.attrs["correction"] = method
+            corrected[name] = var
+            start += size
+        corrected.attrs["correction"] = method
+        return corrected
+    if not isinstance(p, xr.DataArray):
+        raise InputError(
+            f"adjust_pvalues needs an xarray DataArray or Dataset, got {type(p).__name__}"
+        )
+    _check_pvalues(p, "adjust_pvalues")
+    family = (
+        [str(d) for d in p.dims]
+        if dims is None
+        else [dims]
+        if isinstance(dims, str)
+        else list(dims)
+    )
+    for dim in family:
+        if dim not in p.dims:
+            raise InputError(
+                f"dims={dim!r} is not a dim of the p-values; their dims are {tuple(p.dims)}"
+                f"{did_you_mean(dim, [str(d) for d in p.dims])}"
+            )
+    others = [str(d) for d in p.dims if d not in family]
+    moved = p.transpose(*others, *family)  # each family's cells last, then one family per row
+    size = math.prod(p.sizes[d] for d in family)
+    adjusted = _adjust_rows(np.asarray(moved.values, np.float64).reshape(-1, size), method=method)
+    out = moved.copy(data=adjusted.reshape(moved.shape)).transpose(*p.dims)
+    out.attrs = {**p.attrs, "correction": method}
+    return out
+
+
 def permutation_pvalue(
     effect: xr.DataArray,
     dim: str = "example",
@@ -231,40 +396,81 @@ def permutation_pvalue(
     n_permutations: int = 1000,
     seed: int = 0,
     alternative: Alternative = "two-sided",
+    correction: Correction | None = "bh",
 ) -> xr.DataArray:
     """Paired sign-flip permutation p-value that the mean of ``effect`` along ``dim`` is zero.
 
     Under the null each per-example effect is symmetric about zero, so every pattern of sign
     flips is equally likely. With at most 12 examples all ``2**n`` patterns are enumerated (exact
     and deterministic; ``seed`` is unused); otherwise ``n_permutations`` seeded random patterns
-    give ``(hits + 1) / (n_permutations + 1)``.
+    give ``(hits + 1) / (n_permutations + 1)``. The p-values of every cell (every combination of
+    the other dims) are then adjusted together for testing them all (``correction``).
+
+    A raw patching result (patched metric values with their baselines) is tested on its effect,
+    measured from the receiving run's own baseline (:func:`patchspec.accessor.effect`): the test
+    is that the patch changes nothing, in every direction. Derived values (``effect()``,
+    ``normalized()``) and plain arrays are tested as they are.
 
     Args:
-        effect: Per-example effects (patched minus corrupted baseline, or normalised).
+        effect: Per-example effects, or a raw result (its effect is tested).
         dim: The dim whose signs are flipped.
         n_permutations: Random sign patterns when there are more than 12 examples.
         seed: Seed of the random patterns.
-        alternative: ``"two-sided"`` (``|null| >= |observed|``), ``"greater"`` or ``"less"``.
+        alternative: ``"two-sided"`` (``|null| >= |observed|``), ``"greater"`` (the effect is
+            positive: the patch restores in denoising, destroys in noising and ablations) or
+            ``"less"``.
+        correction: ``"bh"`` (Benjamini-Hochberg, default), ``"by"``, ``"holm"``,
+            ``"bonferroni"``, or ``None`` for the raw p-values (TransformerLens's numbers). See
+            :func:`adjust_pvalues`; NaN cells are left out of the family.
 
     Returns:
-        ``effect`` without ``dim``; NaN where a value along ``dim`` is NaN.
+        ``effect`` without ``dim``; NaN where a value along ``dim`` is NaN. ``attrs["quantity"]``
+        is ``"pvalue"``, ``attrs["tested"]`` the quantity tested (``"effect"`` ...),
+        ``attrs["alternative"]`` and ``attrs["correction"]`` (``"none"`` when uncorrected) say
+        what they are.
 
     Raises:
-        InputError: ``dim`` is missing or empty, or an argument is out of range.
+        InputError: ``dim`` is missing or empty, an argument is out of range, the correction is
+            unknown, or the values are already p-values.
 
     Example:
         >>> x = xr.DataArray([1.0, 2.0, 3.0, 4.0], dims="example")
         >>> float(permutation_pvalue(x))
         0.125
+        >>> grid = xr.DataArray([[1.0, 2.0, 3.0, 4.0], [1.0, -2.0, 3.0, -4.0]],
+        ...                     dims=("head", "example"))
+        >>> permutation_pvalue(grid, correction=None).values.tolist()
+        [0.125, 0.875]
+        >>> permutation_pvalue(grid, correction="bonferroni").values.tolist()
+        [0.25, 1.0]
     """
+    check_correction(correction)
+    if isinstance(effect, xr.DataArray):
+        if effect.attrs.get("quantity") == "pvalue":
+            raise InputError(
+                f"permutation_pvalue tests effects, but {effect.name!r} already holds p-values "
+                "(attrs['quantity'] == 'pvalue')"
+            )
+        from patchspec.accessor import effect as effect_of
+        from patchspec.accessor import is_raw
+
+        if is_raw(effect):
+            effect = effect_of(effect)
     _check_dim(effect, dim, 1, "permutation_pvalue")
     _choice(alternative, ALTERNATIVES, "alternative")
     if n_permutations < 1:
         raise InputError(f"n_permutations must be at least 1, got {n_permutations}")
-    return xr.apply_ufunc(
+    p = xr.apply_ufunc(
         _pvalue,
         effect,
         input_core_dims=[[dim]],
         kwargs={"n_permutations": n_permutations, "seed": seed, "alternative": alternative},
         keep_attrs=True,
     )
+    p.attrs["tested"] = effect.attrs.get("quantity")
+    p.attrs["quantity"] = "pvalue"
+    p.attrs["alternative"] = alternative
+    p.attrs["correction"] = "none"
+    if correction is None or correction == "none":
+        return p
+    return adjust_pvalues(p, correction)  # type: ignore[return-value]

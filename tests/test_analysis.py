@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 import xarray as xr
 from transformer_lens.patching import PatchingResult
@@ -131,7 +132,9 @@ def test_permutation_pvalue_equals_transformer_lens(n, alternative):
     """Sign-flip p-values equal ``PatchingResult.permutation_pvalue`` (exact and Monte Carlo)."""
     values = synthetic(n, seed=n)
     tl = tl_result(values, np.array(values.attrs["corrupted_baseline"]))
-    ours = values.patch.permutation_pvalue(n_permutations=400, seed=1, alternative=alternative)
+    ours = values.patch.permutation_pvalue(
+        n_permutations=400, seed=1, alternative=alternative, correction=None
+    )
     theirs = tl.permutation_pvalue(n_permutations=400, seed=1, alternative=alternative)
     np.testing.assert_allclose(ours.values, theirs.numpy(), rtol=1e-12)
     assert ours.dims == ("layer", "pos")
@@ -145,7 +148,9 @@ def test_statistics_on_a_real_sweep_equal_transformer_lens(result):
     np.testing.assert_allclose(ci.sel(bound="low").values, low.numpy(), rtol=1e-12)
     np.testing.assert_allclose(ci.sel(bound="high").values, high.numpy(), rtol=1e-12)
     np.testing.assert_allclose(
-        result.patch.permutation_pvalue().values, tl.permutation_pvalue().numpy(), rtol=1e-12
+        result.patch.permutation_pvalue(correction=None).values,
+        tl.permutation_pvalue().numpy(),
+        rtol=1e-12,
     )
 
 
@@ -263,8 +268,18 @@ def test_dataset_accessor_applies_to_every_spec(gpt2):
     for name in ("resid_pre", "attn_out"):
         xr.testing.assert_identical(ds.patch.normalized()[name], ds[name].patch.normalized())
         xr.testing.assert_identical(
-            ds.patch.permutation_pvalue()[name], ds[name].patch.permutation_pvalue()
+            ds.patch.permutation_pvalue(correction=None)[name],
+            ds[name].patch.permutation_pvalue(correction=None),
         )
+    # The default correction treats every cell of every spec as one family.
+    raw = ds.patch.permutation_pvalue(correction=None)
+    flat = np.concatenate([raw[name].values.ravel() for name in ("resid_pre", "attn_out")])
+    joint = ds.patch.permutation_pvalue()
+    np.testing.assert_allclose(
+        np.concatenate([joint[name].values.ravel() for name in ("resid_pre", "attn_out")]),
+        scipy.stats.false_discovery_control(flat),
+    )
+    assert joint.attrs["correction"] == joint["attn_out"].attrs["correction"] == "bh"
     assert ds.patch.bootstrap_ci(n_resamples=20)["attn_out"].dims == ("layer", "pos", "bound")
     assert ds.patch.stderr()["resid_pre"].dims == ("layer", "pos")
 
@@ -311,6 +326,11 @@ def test_several_metrics_normalize_each_with_its_own_baselines(gpt2):
     # The attrs alone (coords dropped) give the same numbers.
     bare = r.drop_vars(["clean_baseline", "corrupted_baseline"])
     xr.testing.assert_allclose(bare.patch.normalized(), norm)
+    # Effects in two metrics' units do not rank against each other; fractions do.
+    with pytest.raises(InputError, match=r"effects of 2 metrics \['diff', 'neg'\]"):
+        r.patch.top(3)
+    assert norm.patch.top(3).dims == ("rank",)
+    assert r.sel(metric="neg").patch.top(1).attrs["quantity"] == "effect"
 
 
 def test_analysis_guide_examples_run(monkeypatch, tmp_path):
@@ -332,3 +352,329 @@ def test_sweep_of_specs_with_different_baselines_keeps_each_its_own(gpt2):
     assert ds["noising"].attrs["clean_baseline"] != ds["resid_pre"].attrs["clean_baseline"]
     assert "clean_baseline" not in ds.coords  # they differ, so each variable keeps its attrs
     xr.testing.assert_allclose(ds.patch.normalized()["noising"], alone.patch.normalized())
+
+
+# --- Which run received the patch: denoising, noising, ablation --------------------------------
+# The toy model's circuit (docs/toy_model.md): head 0.0 is the previous-token head, heads 1.0-1.3
+# are induction heads. With the default corruption (a new first half), the induction heads carry
+# the answer; heads 0.1-0.3 attend diffusely and do (almost) nothing in every direction.
+INERT = [(0, 1), (0, 2), (0, 3)]
+INDUCTION = [(1, h) for h in range(4)]
+
+
+@pytest.fixture(scope="module")
+def toy_sweep() -> xr.Dataset:
+    """One sweep of every head on 12 toy prompts: denoising, noising and mean ablation."""
+    from patchspec.catalog import HEAD_OUT
+    from patchspec.toy import induction_prompts, toy_model
+
+    model = toy_model("cpu")
+    p = induction_prompts(12, length=12, seed=3)
+    metric = patchspec.metrics.logit_diff(answer=p.answer, wrong=p.wrong, reduce="none")
+    sweep = patchspec.Sweep(
+        HEAD_OUT,
+        HEAD_OUT.using(patchspec.Corrupted()).named("noising"),
+        HEAD_OUT.using(patchspec.Mean()).named("mean"),
+    )
+    return sweep.run(model, p.clean, p.corrupted, metric, progress=False)
+
+
+def cells(data: xr.DataArray, where: list[tuple[int, int]]) -> np.ndarray:
+    return np.array([float(data.sel(layer=layer, head=head)) for layer, head in where])
+
+
+def test_results_say_which_run_received_the_patch(toy_sweep):
+    """Each variable records its receiving run and direction; the accessor reads them back."""
+    expected = {
+        "head_out": ("corrupted", "denoising"),
+        "noising": ("clean", "noising"),
+        "mean": ("clean", "ablation"),
+    }
+    for name, (receiver, direction) in expected.items():
+        assert toy_sweep[name].patch.direction() == (receiver, direction)
+        assert (toy_sweep[name].attrs["receiver"], toy_sweep[name].attrs["direction"]) == (
+            receiver,
+            direction,
+        )
+
+
+def test_noising_and_ablation_measure_from_the_clean_baseline(toy_sweep):
+    """``clean - patched``: inert heads come out near 0, not at the clean-corrupted gap."""
+    for name in ("noising", "mean"):
+        r = toy_sweep[name]
+        clean, corrupted = r.patch.baselines()
+        effect = r.patch.effect()
+        xr.testing.assert_allclose(
+            effect,
+            (clean - r).transpose(*r.dims).drop_vars(["clean_baseline", "corrupted_baseline"]),
+        )
+        assert effect.attrs["formula"] == "clean - patched"
+        norm = r.patch.normalized()
+        assert norm.attrs["formula"] == "(clean - patched) / (clean - corrupted)"
+        assert "destroy" in norm.attrs["meaning"]
+        assert (norm.attrs["receiver"], norm.attrs["quantity"]) == ("clean", "normalized")
+        inert = cells(norm.mean("example"), INERT)
+        assert np.abs(inert).max() < 0.01
+        # What was measured before: patched - corrupted, the whole gap (about +25) for idle heads.
+        old = cells((r - corrupted).mean("example"), INERT)
+        assert old.min() > 20
+    noising = toy_sweep["noising"].patch.normalized().mean("example")
+    assert cells(noising, INDUCTION).min() > 0.1  # each induction head carries part of the answer
+    mean = toy_sweep["mean"].patch.normalized().mean("example")
+    assert float(mean.sel(layer=0, head=0)) > 0.1  # the previous-token head is needed
+
+
+def test_inert_heads_are_not_significant_and_circuit_heads_are(toy_sweep):
+    """Corrected p-values: large for inert heads, small for the circuit, in every direction."""
+    circuit = {"head_out": INDUCTION, "noising": INDUCTION, "mean": [(0, 0)]}
+    inert = {"head_out": [*INERT, (0, 0)], "noising": [*INERT, (0, 0)], "mean": INERT}
+    for name, heads in circuit.items():
+        p = toy_sweep[name].patch.permutation_pvalue()
+        assert p.attrs["correction"] == "bh" and p.attrs["quantity"] == "pvalue"
+        assert cells(p, heads).max() < 0.01, name
+        assert cells(p, inert[name]).min() > 0.1, name
+
+
+def test_stats_function_tests_the_effect_of_a_raw_result(toy_sweep):
+    """``stats.permutation_pvalue(raw)`` tests the direction-aware effect, as the accessor does."""
+    r = toy_sweep["noising"]
+    xr.testing.assert_identical(stats.permutation_pvalue(r), r.patch.permutation_pvalue())
+    xr.testing.assert_identical(
+        stats.permutation_pvalue(r, correction=None),
+        stats.permutation_pvalue(r.patch.effect(), correction=None),
+    )
+
+
+def test_denoising_is_unchanged(toy_sweep):
+    """Denoising keeps ``patched - corrupted`` and its fraction of ``clean - corrupted``."""
+    r = toy_sweep["head_out"]
+    clean, corrupted = r.patch.baselines()
+    bare = ["clean_baseline", "corrupted_baseline"]
+    xr.testing.assert_allclose(r.patch.effect(), (r - corrupted).drop_vars(bare))
+    norm = r.patch.normalized()
+    xr.testing.assert_allclose(norm, ((r - corrupted) / (clean - corrupted)).drop_vars(bare))
+    assert norm.attrs["formula"] == "(patched - corrupted) / (clean - corrupted)"
+    assert r.patch.effect().attrs["formula"] == "patched - corrupted"
+    assert "restored" in norm.attrs["meaning"]
+
+
+@pytest.mark.parametrize(
+    ("receiver", "direction"),
+    [
+        ("corrupted", "denoising"),
+        ("clean", "noising"),
+        ("clean", "ablation"),
+        ("corrupted", "ablation"),
+    ],
+)
+def test_a_cell_that_does_nothing_is_zero_and_not_significant(receiver, direction):
+    """Patched == the receiving run's baseline: effect 0, normalized 0, p-value 1, everywhere."""
+    rng = np.random.default_rng(0)
+    clean, corrupted = rng.normal(3.0, 1.0, 8), rng.normal(-3.0, 1.0, 8)
+    base = clean if receiver == "clean" else corrupted
+    other = corrupted if receiver == "clean" else clean
+    values = np.stack([base, other, base + 0.5 * (other - base)])  # inert, whole gap, half
+    r = xr.DataArray(
+        values,
+        dims=("head", "example"),
+        coords={"head": [0, 1, 2], "example": np.arange(8)},
+        name="m",
+        attrs={
+            "clean_baseline": clean.tolist(),
+            "corrupted_baseline": corrupted.tolist(),
+            "receiver": receiver,
+            "direction": direction,
+        },
+    )
+    norm = r.patch.normalized()
+    np.testing.assert_allclose(norm.mean("example").values, [0.0, 1.0, 0.5], atol=1e-12)
+    assert r.patch.effect().sel(head=0).values.tolist() == [0.0] * 8
+    p = r.patch.permutation_pvalue()
+    assert float(p.sel(head=0)) == 1.0 and float(p.sel(head=1)) < 0.05
+    assert r.patch.top(1)["head"].values.tolist() == [1]
+
+
+def test_top_ranks_the_effect_of_raw_results(toy_sweep):
+    """On a raw noising result ``top`` ranks ``clean - patched``: the circuit first."""
+    r = toy_sweep["noising"]
+    best = r.patch.top(4)
+    assert best.attrs["quantity"] == "effect"
+    assert {(int(a), int(b)) for a, b in zip(best.layer, best["head"], strict=True)} == set(
+        INDUCTION
+    )
+    xr.testing.assert_identical(best, r.patch.effect().patch.top(4))
+    signed = r.patch.top(1, absolute=False).isel(rank=0)
+    assert (int(signed.layer), float(signed)) == (1, float(best.isel(rank=0)))
+    mean = toy_sweep["mean"].patch.top(1).isel(rank=0)
+    assert (int(mean.layer), int(mean["head"])) == (0, 0)
+
+
+def test_dataset_top_ranks_every_spec_together(toy_sweep):
+    """``ds.patch.top(k)``: one ranking, a ``spec`` coord, the same cells as each spec's own."""
+    best = toy_sweep.patch.top(5)
+    assert best.dims == ("rank",) and best["rank"].values.tolist() == [1, 2, 3, 4, 5]
+    assert set(best.spec.values.tolist()) <= {"head_out", "noising", "mean"}
+    for i in range(5):
+        cell = best.isel(rank=i)
+        own = toy_sweep[str(cell.spec.values)].patch.effect().mean("example")
+        assert own.sel(layer=int(cell.layer), head=int(cell["head"])).item() == pytest.approx(
+            float(cell)
+        )
+    scores = np.abs(best.values)
+    assert (np.diff(scores) <= 0).all()
+    every = [np.abs(toy_sweep[n].patch.effect().mean("example").values).max() for n in toy_sweep]
+    assert scores[0] == pytest.approx(max(every))
+    normalized = toy_sweep.patch.normalized().patch.top(3)
+    assert normalized.attrs["quantity"] == "normalized"
+    mixed = xr.Dataset(
+        {"a": toy_sweep["noising"].patch.normalized(), "b": toy_sweep["mean"].patch.effect()}
+    )
+    with pytest.raises(InputError, match=r"different ones \(a: normalized, b: effect\)"):
+        mixed.patch.top(3)
+
+
+def test_dataset_effect_lifts_shared_formula_only(toy_sweep):
+    """A Dataset's attrs say the formula only when every spec shares it."""
+    both = toy_sweep[["noising", "mean"]].patch.normalized()
+    assert both.attrs["formula"] == "(clean - patched) / (clean - corrupted)"
+    assert "formula" not in toy_sweep.patch.normalized().attrs
+    assert toy_sweep.patch.normalized()["noising"].attrs["direction"] == "noising"
+
+
+def test_results_without_a_recorded_receiver():
+    """Legacy results: read from their sources; no provenance is denoising; ambiguity refused."""
+    base = {"clean_baseline": 3.0, "corrupted_baseline": 1.0}
+
+    def r(**attrs):
+        return xr.DataArray([1.0, 2.0], dims="layer", name="m", attrs={**base, **attrs})
+
+    assert r().patch.direction() == ("corrupted", "denoising")
+    assert r().patch.effect().values.tolist() == [0.0, 1.0]
+    assert r(source="corrupted").patch.direction() == ("clean", "noising")
+    noised = r(sources=[{"kind": "corrupted"}])
+    assert noised.patch.effect().values.tolist() == [2.0, 1.0]
+    mean = r(sources=[{"kind": "mean", "over": "receiver", "receiver": "clean"}])
+    assert mean.patch.direction() == ("clean", "ablation")
+    assert r(direction="noising").patch.direction() == ("clean", "noising")
+    with pytest.raises(InputError, match=r"ablation \(source 'zero'\) may patch either run"):
+        r(source="zero").patch.effect()
+    with pytest.raises(InputError, match=r"is an ablation .* not record which run was ablated"):
+        r(direction="ablation").patch.normalized()
+    with pytest.raises(InputError, match=r"says it is noising .* but that the corrupted run"):
+        r(receiver="corrupted", direction="noising").patch.effect()
+    with pytest.raises(InputError, match=r"is 'cleen'.*did you mean 'clean'"):
+        r(receiver="cleen").patch.effect()
+    with pytest.raises(InputError, match=r"is 'nosing'.*did you mean 'noising'"):
+        r(direction="nosing").patch.top(1)
+    with pytest.raises(InputError, match="records neither its direction nor its source"):
+        r(receiver="clean").patch.effect()
+
+
+def test_quantities_without_meaning_are_refused():
+    """No clean run, p-values ranked or tested again: clear errors, never a silent NaN."""
+    r = xr.DataArray(
+        [1.0, 2.0],
+        dims="layer",
+        name="m",
+        attrs={"clean_baseline": None, "corrupted_baseline": 1.0, "receiver": "corrupted"},
+    )
+    assert r.patch.effect().values.tolist() == [0.0, 1.0]  # needs only the corrupted baseline
+    with pytest.raises(
+        InputError, match=r"attrs\['clean_baseline'\] is None: the sweep had no clean"
+    ):
+        r.patch.normalized()
+    with pytest.raises(InputError, match=r"so the effect \(clean - patched\) cannot"):
+        r.assign_attrs(receiver="clean", direction="noising").patch.effect()
+    p = synthetic(6).patch.permutation_pvalue()
+    with pytest.raises(InputError, match=r"holds p-values .* small means significant"):
+        p.patch.top(3)
+    with pytest.raises(InputError, match="already holds p-values"):
+        stats.permutation_pvalue(p.expand_dims(example=2))
+    with pytest.raises(InputError, match="already a pvalue"):
+        p.patch.effect()
+
+
+def test_equal_baselines_in_a_noising_run_warn():
+    """No clean-corrupted gap: NaN with a warning, worded for the direction."""
+    r = xr.DataArray(
+        [1.0],
+        dims="layer",
+        name="m",
+        attrs={
+            "clean_baseline": 1.0,
+            "corrupted_baseline": 1.0,
+            "receiver": "clean",
+            "direction": "noising",
+        },
+    )
+    with pytest.warns(RuntimeWarning, match="no damage scale"):
+        assert np.isnan(r.patch.normalized()).all()
+
+
+# --- Multiple comparisons -------------------------------------------------------------------------
+TABLE = xr.DataArray(
+    [[0.01, 0.04, 0.03], [0.005, np.nan, 0.2]],
+    dims=("layer", "head"),
+    coords={"layer": [0, 1], "head": [0, 1, 2]},
+    name="p",
+)
+
+
+def test_corrections_against_scipy_and_by_hand():
+    """BH and BY equal scipy's; Holm and Bonferroni equal hand-computed values; NaN stays out."""
+    finite = np.array([0.01, 0.04, 0.03, 0.005, 0.2])
+    for method in ("bh", "by"):
+        out = stats.adjust_pvalues(TABLE, method)
+        got = out.values.ravel()[~np.isnan(TABLE.values.ravel())]
+        np.testing.assert_allclose(got, scipy.stats.false_discovery_control(finite, method=method))
+        assert out.attrs["correction"] == method and np.isnan(out.sel(layer=1, head=1))
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04, 0.2 times 5, 4, 3, 2, 1 -> .025 .04 .09 .08 .2,
+    # kept monotone -> .025 .04 .09 .09 .2.
+    holm = stats.adjust_pvalues(TABLE, "holm")
+    np.testing.assert_allclose(holm.values, [[0.04, 0.09, 0.09], [0.025, np.nan, 0.2]])
+    bonferroni = stats.adjust_pvalues(TABLE, "bonferroni")
+    np.testing.assert_allclose(bonferroni.values, [[0.05, 0.2, 0.15], [0.025, np.nan, 1.0]])
+    # BH by hand: ranks 1..5 -> .025, .025, .05, .05, .2 (step-up minimum from the top).
+    np.testing.assert_allclose(
+        stats.adjust_pvalues(TABLE).values, [[0.025, 0.05, 0.05], [0.025, np.nan, 0.2]]
+    )
+    xr.testing.assert_identical(stats.adjust_pvalues(TABLE).layer, TABLE.layer)
+
+
+def test_corrections_within_families():
+    """``dims=`` spans one family; each value of the other dims is its own."""
+    per_layer = stats.adjust_pvalues(TABLE, "bonferroni", dims="head")
+    np.testing.assert_allclose(per_layer.values, [[0.03, 0.12, 0.09], [0.01, np.nan, 0.4]])
+    assert per_layer.dims == TABLE.dims
+    whole = stats.adjust_pvalues(TABLE, "holm", dims=("layer", "head"))
+    xr.testing.assert_identical(whole, stats.adjust_pvalues(TABLE, "holm"))
+    bare = TABLE.drop_vars(["layer", "head"]).assign_coords(token=("head", ["a", "b", "c"]))
+    out = stats.adjust_pvalues(bare, dims="layer")  # the coords stay exactly the input's
+    xr.testing.assert_identical(out.coords.to_dataset(), bare.coords.to_dataset())
+
+
+def test_permutation_pvalue_corrects_every_cell_by_default():
+    """Default: BH over every cell; ``correction=None`` gives the raw (TransformerLens) values."""
+    values = synthetic(8)
+    raw = values.patch.permutation_pvalue(correction=None)
+    assert raw.attrs["correction"] == "none" and raw.attrs["tested"] == "effect"
+    corrected = values.patch.permutation_pvalue()
+    xr.testing.assert_allclose(corrected, stats.adjust_pvalues(raw, "bh"))
+    assert corrected.attrs["correction"] == "bh"
+    holm = values.patch.permutation_pvalue(correction="holm")
+    assert (holm.values >= corrected.values - 1e-12).all()
+    assert (corrected.values >= raw.values - 1e-12).all()
+
+
+def test_correction_errors_name_the_problem():
+    """Unknown methods and dims, values that are not p-values, correcting twice."""
+    with pytest.raises(InputError, match=r"correction must be one of .*got 'fdr'"):
+        synthetic(4).patch.permutation_pvalue(correction="fdr")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="got 'hol'; did you mean 'holm'"):
+        stats.adjust_pvalues(TABLE, "hol")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"dims='heads' is not a dim .*did you mean 'head'"):
+        stats.adjust_pvalues(TABLE, dims="heads")
+    with pytest.raises(InputError, match=r"p-values in \[0, 1\].*from -3 to 2"):
+        stats.adjust_pvalues(xr.DataArray([-3.0, 2.0], dims="head", name="e"))
+    with pytest.raises(InputError, match="already corrected"):
+        stats.adjust_pvalues(stats.adjust_pvalues(TABLE))

@@ -135,3 +135,48 @@ def test_plot_interactive_needs_plotly(result):
     else:
         fig = plot_interactive(result)
         assert fig.data[0].x[0].endswith("<bos>")
+
+
+@pytest.fixture(scope="module")
+def directions(gpt2) -> xr.Dataset:
+    """One sweep of resid_pre in each direction: denoising, noising, mean ablation."""
+    sweep = patchspec.Sweep(
+        RESID_PRE,
+        RESID_PRE.using(patchspec.Corrupted()).named("noising"),
+        RESID_PRE.using(patchspec.Mean()).named("mean"),
+    )
+    return sweep.run(gpt2, CLEAN, CORRUPTED, per_example_metric)
+
+
+@pytest.mark.parametrize(
+    ("name", "formula"),
+    [
+        ("resid_pre", "denoising: (patched - corrupted) / (clean - corrupted)"),
+        ("noising", "noising: (clean - patched) / (clean - corrupted)"),
+        ("mean", "ablation: (clean - patched) / (clean - corrupted)"),
+    ],
+)
+def test_titles_say_the_formula_of_the_direction(directions, name, formula):
+    """The title and colour bar name each direction's own formula, never another's."""
+    fig = plot(directions[name].patch.normalized())
+    assert formula in fig.get_suptitle()
+    colorbar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    assert formula.split(": ")[1] in colorbar.get_ylabel()
+    effect = plot(directions[name].patch.effect())
+    expected = "patched - corrupted" if name == "resid_pre" else "clean - patched"
+    assert effect.get_suptitle().endswith(expected)
+    pvalue = plot(directions[name].patch.permutation_pvalue())
+    assert f"p-value (bh) of {expected}" in pvalue.get_suptitle()
+
+
+def test_dataset_of_mixed_directions_names_the_formula_per_panel(directions):
+    """Specs that mean different things each say their formula in their own panel title."""
+    fig = plot(directions.patch.normalized())
+    titles = [ax.get_title() for ax in images(fig)]
+    assert titles[0] == "spec = resid_pre\ndenoising: (patched - corrupted) / (clean - corrupted)"
+    assert titles[1] == "spec = noising\nnoising: (clean - patched) / (clean - corrupted)"
+    assert "(patched - corrupted)" not in fig.get_suptitle()
+    effect = directions["noising"].patch.effect()
+    same = plot(xr.Dataset({"a": effect, "b": 2 * effect}))
+    assert [ax.get_title() for ax in images(same)] == ["spec = a", "spec = b"]
+    assert same.get_suptitle().endswith("noising: clean - patched")
