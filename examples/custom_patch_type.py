@@ -68,7 +68,7 @@ def main() -> None:
 
     # 3. MLP neurons by layer, and a custom rule: a head at S2 and the token before it.
     neurons = PatchSpec("post", axes=("layer", "neuron")).sel(neuron=slice(0, 8), pos="S2")
-    top = neurons.run(model, CLEAN, CORRUPTED, metric, **run).mean("example").patch.top(3)
+    top = neurons.run(model, CLEAN, CORRUPTED, metric, **run).patch.top(3)  # ranked by effect
     cells = zip(
         top.layer.values.tolist(),
         top.neuron.values.tolist(),

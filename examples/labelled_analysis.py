@@ -51,7 +51,7 @@ def main(out: Path) -> None:
     print(summary.head())
 
     ci = recovery.patch.bootstrap_ci(n_resamples=500, seed=0)  # a `bound` dim: low / high
-    pvalue = result.patch.permutation_pvalue()  # exact sign-flip test with <= 12 prompts
+    pvalue = result.patch.permutation_pvalue()  # exact sign-flip test, BH-corrected over cells
     print("most important cells:\n", recovery.patch.top(3).to_dataframe())
     print("95% interval at layer 1, last position:", ci.sel(layer=1).isel(pos=-1).values.round(3))
     print("p-values at layer 1:", pvalue.sel(layer=1).values.round(3))
