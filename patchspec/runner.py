@@ -367,40 +367,17 @@ def run_specs(
     """
     if clean is None:
         raise InputError("clean prompts are required (give prompts or tokens, not None)")
-    with ModelAdapter.of(model).exclusive():
-        return _run_specs(
-            specs,
-            model,
-            clean,
-            corrupted,
-            metric,
-            options=options,
-            positions=positions,
-            reference=reference,
+    with ModelAdapter.of(model).exclusive():  # one sweep of a model at a time
+        run = prepare(
+            model, clean, corrupted, metric, options=options, positions=positions, reference=reference
         )
-
-
-def _run_specs(
-    specs: Sequence[AnySpec],
-    model: Any,
-    clean: Any,
-    corrupted: Any,
-    metric: Any,
-    *,
-    options: RunOptions,
-    positions: PositionTable | tuple[PositionTable, PositionTable] | None,
-    reference: Any,
-) -> list[xr.DataArray]:
-    run = prepare(
-        model, clean, corrupted, metric, options=options, positions=positions, reference=reference
-    )
-    grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
-    check_shared_dims(specs, grids)
-    arrays = []
-    for spec, grid in zip(specs, grids, strict=True):
-        values, evaluate, clean_base, corrupted_base = run_grid(run, grid, spec.label)
-        arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
-    return arrays
+        grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
+        check_shared_dims(specs, grids)
+        arrays = []
+        for spec, grid in zip(specs, grids, strict=True):
+            values, evaluate, clean_base, corrupted_base = run_grid(run, grid, spec.label)
+            arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
+        return arrays
 
 
 def _coordinate_kind(values: Sequence[Any]) -> str:

@@ -840,21 +840,28 @@ def spec_from_dict(data: Mapping[str, Any]) -> AnySpec:
         ('head', 'pos')
     """
     if isinstance(data, Mapping) and "joint" in data:
-        _fields(data, "a joint spec dict", known=("joint", "name"), required=("joint",))
-        listed = data["joint"]
-        if not isinstance(listed, list | tuple):
-            raise SpecError(
-                f"a joint spec dict's 'joint' must be a list of spec dicts, got "
-                f"{type(listed).__name__}: {listed!r}"
-            )
-        parts = []
-        for i, part in enumerate(listed):
-            try:
-                parts.append(PatchSpec.from_dict(part))
-            except SpecError as err:
-                raise SpecError(f"part {i + 1} of a joint spec dict: {err}") from None
+        parts = _listed(data, "joint", "a joint spec dict", "part", PatchSpec.from_dict)
         return JointSpec(parts=parts, name=data.get("name"))
     return PatchSpec.from_dict(data)
+
+
+def _listed(
+    data: Mapping[str, Any], key: str, what: str, item: str, build: Callable[[Any], Any]
+) -> list[Any]:
+    """The specs listed under ``key`` of a joint or sweep dict, each rebuilt with ``build``."""
+    _fields(data, what, known=(key, "name"), required=(key,))
+    listed = data[key]
+    if not isinstance(listed, list | tuple):
+        raise SpecError(
+            f"{what}'s {key!r} must be a list of spec dicts, got {type(listed).__name__}: {listed!r}"
+        )
+    built = []
+    for i, entry in enumerate(listed):
+        try:
+            built.append(build(entry))
+        except SpecError as err:
+            raise SpecError(f"{item} {i + 1} of {what}: {err}") from None
+    return built
 
 
 def as_specs(specs: Sequence[Any]) -> tuple[AnySpec, ...]:
@@ -934,19 +941,7 @@ class Sweep:
             SpecError: not a dict, unknown or missing keys, a malformed spec, or any error the
                 constructors raise.
         """
-        _fields(data, "a sweep dict", known=("sweep", "name"), required=("sweep",))
-        listed = data["sweep"]
-        if not isinstance(listed, list | tuple):
-            raise SpecError(
-                f"a sweep dict's 'sweep' must be a list of spec dicts, got "
-                f"{type(listed).__name__}: {listed!r}"
-            )
-        specs = []
-        for i, item in enumerate(listed):
-            try:
-                specs.append(spec_from_dict(item))
-            except SpecError as err:
-                raise SpecError(f"spec {i + 1} of a sweep dict: {err}") from None
+        specs = _listed(data, "sweep", "a sweep dict", "spec", spec_from_dict)
         return cls(*specs, name=data.get("name"))
 
     @checked_keywords
