@@ -28,9 +28,9 @@ import xarray as xr
 from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Task
 from patchspec.execute.registry import executor_for, make_estimator
-from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics
+from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
-from patchspec.model.session import Session, prompt_texts
+from patchspec.model.session import Session, metric_inputs, prompt_texts
 from patchspec.options import RunOptions
 from patchspec.plan.grid import Grid, compile
 from patchspec.plan.positions import Positions, PositionTable, resolve_positions
@@ -120,6 +120,7 @@ class Run:
                     clean_logits=session.logits("clean") if session.has("clean") else None,
                     corrupted_logits=session.logits("corrupted"),
                     tokens=session.tokens("corrupted"),
+                    inputs=metric_inputs(session, self.positions),
                 )
         return self._context["context"]  # type: ignore[no-any-return]
 
@@ -168,6 +169,13 @@ def prepare(
     executor = executor_for(options.executor)
     session = Session(adapter, clean, corrupted, reference=reference, clean_cache=clean_cache)
     texts = {"clean_prompt": prompt_texts(clean), "corrupted_prompt": prompt_texts(corrupted)}
+    named = _named_positions(session, positions)
+    if not isinstance(positions, tuple | list):  # a pair of tables lines the two runs up
+        session.warn_length_mismatches()
+    # Metrics are checked against both runs (the baselines measure each) before any pass.
+    inputs = metric_inputs(session, named)
+    blank = MetricContext(adapter.model, None, None, session.tokens("corrupted"), inputs=inputs)
+    validate_metrics(metric_list, [blank.for_run(run) for run in inputs])
     return Run(
         adapter=adapter,
         session=session,
@@ -176,7 +184,7 @@ def prepare(
         options=options,
         metrics=metric_list,
         metric_dim=metric_dim,
-        positions=_named_positions(session, positions),
+        positions=named,
         prompts={k: v for k, v in texts.items() if v is not None},
     )
 
@@ -252,7 +260,8 @@ def run_grid(
         ``(values, evaluator, clean_baseline, corrupted_baseline)``.
     """
     session = run.session
-    context = attrs.evolve(run.context, tokens=session.tokens(grid.receiver))
+    session.check_alignment(grid)  # before the unpatched passes
+    context = run.context.for_run(grid.receiver)
     evaluate = Evaluator(run.metrics, context, stacked=run.metric_dim, describe=grid.describe)
     with torch.inference_mode():
         clean_base = (
