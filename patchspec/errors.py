@@ -56,7 +56,7 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 
 def warn(message: str) -> None:
     """Warn with a :class:`PatchSpecWarning`, attributed to the first caller outside patchspec."""
-    level, frame = 1, sys._getframe(1)
+    level, frame = 2, sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back  # type: ignore[assignment]
     warnings.warn(message, PatchSpecWarning, stacklevel=level)

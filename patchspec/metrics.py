@@ -730,6 +730,14 @@ def kl_to_clean(*, pos: PosLike = -1, reduce: Reduce = "mean") -> Metric:
     return Metric("kl_to_clean", fn, (where,), how, rowwise=True, check=check)
 
 
+def _evaluate(
+    metric: Metric, logits: torch.Tensor, context: MetricContext, where: str | Callable[[], str]
+) -> torch.Tensor:
+    """One metric's value on one cell's logits, reduced as it says."""
+    value = _as_value(metric.fn(logits, context), metric.name, where)
+    return value.mean() if metric.reduce == "mean" else value
+
+
 def _check_value(
     value: Any, batch: int, name: str, where: str | Callable[[], str]
 ) -> torch.Tensor:
@@ -869,7 +877,7 @@ class Evaluator:
         where = cell if isinstance(cell, str) else self.describe(cell)
         context = self.context.for_run(run or self._run_of(logits))
         values = [
-            _check_value(m.bind(context)(logits), context.batch, m.name, where)
+            _check_value(_evaluate(m, logits, context, where), context.batch, m.name, where)
             for m in self.metrics
         ]
         return self._combine(values, 0, lambda: where)
@@ -910,17 +918,17 @@ class Evaluator:
                     k = int(bad.nonzero()[0, 0])
                     _check_value(value[k], batch, metric.name, self.describe(cells[k]))
             else:
-                bound = metric.bind(context)
                 parts = logits.unflatten(0, (copies, -1))
                 value = torch.stack(
                     [
                         _check_value(
-                            bound(part),
+                            _evaluate(metric, part, context, where),
                             batch,
                             metric.name,
-                            functools.partial(self.describe, cell),
+                            where,
                         )
                         for part, cell in zip(parts, cells, strict=True)
+                        for where in [functools.partial(self.describe, cell)]
                     ]
                 )
             per_metric.append(value)

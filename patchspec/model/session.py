@@ -256,11 +256,11 @@ def _token_inputs(model: Any, prompts: Any, what: str) -> Inputs:
         isinstance(r, list | tuple) or (isinstance(r, torch.Tensor | np.ndarray) and r.ndim == 1)
         for r in prompts
     ):
+        for b, row in enumerate(prompts):
+            if not len(row):
+                raise InputError(f"{what} prompt {b} has no tokens")
         rows = [_integer_tensor(r, f"{what} prompt {b}").reshape(-1) for b, r in enumerate(prompts)]
         if len({len(r) for r in rows}) > 1 and mask is None:  # ragged lists: their own lengths
-            for b, row in enumerate(rows):
-                if not len(row):
-                    raise InputError(f"{what} prompt {b} has no tokens")
             _check_ids(rows, model, what)
             return _ragged([r.tolist() for r in rows], pad_value(model), what)
         prompts = torch.stack(rows) if rows else torch.empty(0, 0, dtype=torch.long)
@@ -719,7 +719,7 @@ def metric_inputs(session: Session, positions: Positions | None = None) -> dict[
     from patchspec.metrics import RunInputs
 
     out: dict[str, Any] = {}
-    for run in ("clean", "corrupted"):
+    for run in ("corrupted", "clean"):
         if session.has(run):  # type: ignore[arg-type]
             table = {} if positions is None else positions.of(run)  # type: ignore[arg-type]
             out[run] = RunInputs(
