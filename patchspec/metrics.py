@@ -202,6 +202,20 @@ class MetricContext:
         tokens = self.inputs[run].tokens if run in self.inputs else self.tokens
         return attrs.evolve(self, receiver=run, tokens=tokens, logit_positions=None)
 
+    def baseline(self, run: str) -> MetricContext:
+        """The context that measures the unpatched ``run``'s logits as a baseline.
+
+        A baseline is the value the metric takes when every activation is patched from that
+        run, so it is measured as the receiving run is (its tokens, lengths and positions: a
+        token-reading metric such as :func:`loss` scores the receiving run's tokens). That is
+        defined when both runs have the same real length in every prompt; otherwise the run is
+        measured on its own terms (its own tokens, ends and named positions).
+        """
+        mine, own = self.inputs.get(self.receiver), self.inputs.get(run)
+        if run == self.receiver or mine is None or own is None or mine.lengths == own.lengths:
+            return self.for_run(self.receiver)
+        return self.for_run(run)
+
     def columns(self, pos: PosLike, run: str | None = None) -> tuple[int, ...]:
         """The token index ``pos`` reads in each prompt of ``run`` (default: the receiver).
 
@@ -871,11 +885,11 @@ class Evaluator:
 
         ``cell`` is a :class:`~patchspec.plan.Cell` or a description such as
         ``"the clean baseline"``; it names the cell in errors. ``run`` is the run the logits
-        belong to (default: the run of the unpatched logits passed, e.g. the clean baseline's,
-        else the receiving run): positions, lengths and tokens are that run's.
+        belong to (default: the run of the unpatched logits passed, else the receiving run);
+        a baseline is measured as :meth:`MetricContext.baseline` says.
         """
         where = cell if isinstance(cell, str) else self.describe(cell)
-        context = self.context.for_run(run or self._run_of(logits))
+        context = self.context.baseline(run or self._run_of(logits))
         values = [
             _check_value(_evaluate(m, logits, context, where), context.batch, m.name, where)
             for m in self.metrics

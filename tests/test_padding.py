@@ -172,7 +172,10 @@ def test_length_mismatch_warns_naming_the_prompt(gpt2):
     spec = catalog.RESID_PRE.sel(layer=0, pos=[0, 1])
     metric = metrics.logit_diff(5, 7)
     with pytest.warns(PatchSpecWarning, match=r"prompt 1: clean 4, corrupted 5 tokens"):
-        spec.run(gpt2, clean, corrupted, metric, progress=False)
+        result = spec.run(gpt2, clean, corrupted, metrics.logit_diff(5, 7, reduce="none"), progress=False)
+    for b, text in enumerate(clean):  # the clean baseline reads each clean prompt's own end
+        logits = gpt2(text).detach()
+        assert result.attrs["clean_baseline"][b] == pytest.approx(float(logits[0, -1, 5] - logits[0, -1, 7]), abs=1e-5)
     with warnings.catch_warnings():  # names lined up with a pair of tables: no warning
         warnings.simplefilter("error", PatchSpecWarning)
         catalog.RESID_PRE.sel(layer=0, pos="END").run(
