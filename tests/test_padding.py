@@ -215,6 +215,9 @@ def test_unmasked_tokens_ending_in_the_pad_id_warn(gpt2):
         result = catalog.RESID_PRE.sel(layer=0, pos=0).run(
             gpt2, tokens, tokens, metrics.logit_diff(5, 7, reduce="none"), progress=False
         )
+    left = torch.tensor([[1, 0, 5, 6], [0, 7, 8, 9]])
+    with pytest.warns(PatchSpecWarning, match=r"corrupted prompts \[0\] start with the pad token id 1"):
+        catalog.RESID_PRE.sel(layer=0, pos=0).run(gpt2, left, left, metrics.logit_diff(5, 7), progress=False)
     logits = gpt2(tokens).detach()
     np.testing.assert_allclose(
         result.attrs["corrupted_baseline"], (logits[:, -1, 5] - logits[:, -1, 7]).tolist(), atol=1e-5

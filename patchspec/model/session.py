@@ -306,6 +306,15 @@ def _warn_unmasked_padding(model: Any, tokens: torch.Tensor, what: str) -> None:
     pad = pad_id(model)
     if pad is None:
         return
+    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    starts = tokens[:, 0].eq(pad).nonzero().flatten().tolist() if pad != bos else []
+    if starts:
+        warn(
+            f"{what} prompts {starts} start with the pad token id {pad}; tokens given without an "
+            "attention mask are all read as real tokens. Left padding cannot be run exactly "
+            "(patched passes carry no attention mask): pad on the right, or pass the prompts as "
+            "text"
+        )
     ends = tokens[:, -1].eq(pad).nonzero().flatten().tolist()
     if ends:
         warn(
@@ -415,8 +424,9 @@ class Session:
         reference: Reference datasets for ``Mean(over=...)``.
 
     Raises:
-        InputError: unusable prompts (see :func:`read_inputs`), or clean and corrupted inputs
-            with different numbers of prompts.
+        InputError: unusable prompts (see :func:`read_inputs`), clean and corrupted inputs
+            with different numbers of prompts, or token tensors of different shapes given
+            without masks.
     """
 
     def __init__(
@@ -448,8 +458,8 @@ class Session:
                 )
         # One width for both runs: the longest real prompt (columns of padding only are dropped).
         width = max(max(i.lengths) for i in inputs.values())
-        if clean is None and clean_cache is not None:
-            width = inputs["corrupted"].seq  # the cache was made at the given width
+        if clean_cache is not None:
+            width = max(i.seq for i in inputs.values())  # the cache was made at the given width
         pad = pad_value(model)
         self._inputs = {k: v.fit(width, pad) for k, v in inputs.items()}
         self.corrupted_tokens = self._inputs["corrupted"].tokens
