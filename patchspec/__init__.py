@@ -8,6 +8,7 @@ from patchspec.errors import (
     MetricError,
     OptionError,
     PatchSpecError,
+    PatchSpecWarning,
     SpecError,
 )
 from patchspec.execute import (
@@ -20,6 +21,7 @@ from patchspec.execute import (
 )
 from patchspec.io import load, save
 from patchspec.layouts import LAYOUTS, Layout, register_layout
+from patchspec.locate import find_positions
 from patchspec.model import ModelAdapter
 from patchspec.options import RunOptions
 from patchspec.sources import Clean, Corrupted, Gaussian, Mean, Resample, Zero, register_source
@@ -43,6 +45,7 @@ __all__ = [
     "OptionError",
     "PatchSpec",
     "PatchSpecError",
+    "PatchSpecWarning",
     "Resample",
     "RunOptions",
     "SpecError",
@@ -52,6 +55,7 @@ __all__ = [
     "accessor",
     "batched",
     "catalog",
+    "find_positions",
     "load",
     "metrics",
     "register_estimator",

@@ -28,9 +28,9 @@ import xarray as xr
 from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Task
 from patchspec.execute.registry import executor_for, make_estimator
-from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics
+from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
-from patchspec.model.session import Session, prompt_texts
+from patchspec.model.session import Session, metric_inputs, prompt_texts
 from patchspec.options import RunOptions
 from patchspec.plan.conflicts import check_conflicts
 from patchspec.plan.grid import Grid, compile
@@ -101,12 +101,16 @@ class Run:
 
         Raises:
             HookError: a hook the grid patches is missing or gated.
-            InputError: the unpatched runs were already made without its activations.
+            SpecError: parts of a joint grid that would write one element in either order.
+            InputError: a source cannot serve these inputs, the grid writes one run's padding
+                into the other's real tokens, or the unpatched runs were already made without
+                its activations.
         """
         self.adapter.check_hooks(grid.sites)
         check_conflicts(grid)
         for source in dict.fromkeys(s for part in grid.parts for s in part.spec.sources):
             source.check(self.session)
+        self.session.check_alignment(grid)
         missing = set(grid.hook_names) - self.session.hook_names
         if missing and "context" in self._context:
             raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")
@@ -124,6 +128,7 @@ class Run:
                     clean_logits=session.logits("clean") if session.has("clean") else None,
                     corrupted_logits=session.logits("corrupted"),
                     tokens=session.tokens("corrupted"),
+                    inputs=metric_inputs(session, self.positions),
                 )
         return self._context["context"]  # type: ignore[no-any-return]
 
@@ -172,6 +177,13 @@ def prepare(
     executor = executor_for(options.executor)
     session = Session(adapter, clean, corrupted, reference=reference, clean_cache=clean_cache)
     texts = {"clean_prompt": prompt_texts(clean), "corrupted_prompt": prompt_texts(corrupted)}
+    named = _named_positions(session, positions)
+    if not isinstance(positions, tuple | list):  # a pair of tables lines the two runs up
+        session.warn_length_mismatches()
+    # Metrics are checked against both runs (the baselines measure each) before any pass.
+    inputs = metric_inputs(session, named)
+    blank = MetricContext(adapter.model, None, None, session.tokens("corrupted"), inputs=inputs)
+    validate_metrics(metric_list, [blank.for_run(run) for run in inputs])
     return Run(
         adapter=adapter,
         session=session,
@@ -180,7 +192,7 @@ def prepare(
         options=options,
         metrics=metric_list,
         metric_dim=metric_dim,
-        positions=_named_positions(session, positions),
+        positions=named,
         prompts={k: v for k, v in texts.items() if v is not None},
     )
 
@@ -256,7 +268,7 @@ def run_grid(
         ``(values, evaluator, clean_baseline, corrupted_baseline)``.
     """
     session = run.session
-    context = attrs.evolve(run.context, tokens=session.tokens(grid.receiver))
+    context = run.context.for_run(grid.receiver)
     evaluate = Evaluator(run.metrics, context, stacked=run.metric_dim, describe=grid.describe)
     with torch.inference_mode():
         clean_base = (

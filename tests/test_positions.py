@@ -32,10 +32,13 @@ def rows(seed: int, lengths=LENGTHS) -> list[list[int]]:
     return [[0, *torch.randint(3, len(VOCAB), (n - 1,), generator=gen).tolist()] for n in lengths]
 
 
-def padded(prompts: list[list[int]]) -> torch.Tensor:
-    """Right-padded token tensor."""
+def padded(prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Right-padded tokens with their attention mask (as a tokenizer returns them)."""
     length = max(map(len, prompts))
-    return torch.tensor([p + [PAD] * (length - len(p)) for p in prompts])
+    return {
+        "input_ids": torch.tensor([p + [PAD] * (length - len(p)) for p in prompts]),
+        "attention_mask": torch.tensor([[1] * len(p) + [0] * (length - len(p)) for p in prompts]),
+    }
 
 
 def last_positions(prompts: list[list[int]]) -> list[int]:
@@ -102,7 +105,7 @@ def test_names_at_different_indices_in_clean_and_corrupted(gpt2, engine, source)
     texts = {"clean": clean, "corrupted": corrupted}
     receiver = "corrupted" if source == "clean" else "clean"
     lengths = {k: [len(gpt2.to_tokens(p)[0]) for p in v] for k, v in texts.items()}
-    metric = metrics.logit_diff(5, 7, pos=[n - 1 for n in lengths[receiver]], reduce="none")
+    metric = metrics.logit_diff(5, 7, reduce="none")  # each prompt's own end, in either run
     spec = catalog.RESID_PRE if source == "clean" else catalog.RESID_PRE.using(Corrupted())
     got = spec.run(gpt2, clean, corrupted, metric, engine=engine, progress=False, positions=tables)
     assert list(got.pos.values) == ["X", "END"]
@@ -288,16 +291,18 @@ def test_bad_positions_are_clear_errors(gpt2, two, spec, positions, error, messa
 
 
 def test_left_padded_tokens_are_refused(gpt2):
-    """Left-padded token tensors would run without an attention mask: a clear error."""
+    """Left-padded tokens (told by their mask) would run without an attention mask: an error."""
     tokens = torch.tensor([[PAD, PAD, 0, 5, 6], [0, 7, 8, 9, 10]])
-    with pytest.raises(InputError, match=r"clean prompt 0 is left-padded \(2 leading pad tokens"):
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with pytest.raises(
+        InputError, match=r"corrupted prompt 0 is left-padded \(its attention mask starts with 2 zeros\)"
+    ):
         catalog.RESID_PRE.run(
             gpt2,
             tokens,
-            tokens,
-            lambda logits: logits[:, -1, 5].mean(),
+            {"input_ids": tokens, "attention_mask": mask},
+            metrics.logit_diff(5, 7),
             engine="reference",
-            positions={"A": 1},
         )
 
 
