@@ -194,7 +194,13 @@ def _axis_size(name: str, activation: str, sizes: Sizes) -> int:
     return sizes.size(dim)
 
 
-def _check_metric(name: str, value: torch.Tensor, reduce: str, batch: int) -> None:
+def _check_metric(name: str, value: Any, reduce: str, batch: int) -> None:
+    if not isinstance(value, torch.Tensor | float | int) or isinstance(value, bool):
+        raise PatchSpecError(
+            f"patching_metric {name!r} must return a tensor (a scalar, or [batch] under "
+            f"reduce='mean'/'none'), got {type(value).__name__}: {value!r:.80}"
+        )
+    value = torch.as_tensor(value)
     if reduce != "scalar" and (value.ndim != 1 or value.shape[0] != batch):
         raise PatchSpecError(
             f"patching_metric {name!r} must return a [batch] tensor of length {batch} under "
@@ -297,7 +303,7 @@ def generic_activation_patch(
         with torch.inference_mode():
             corrupted_logits = run.session.logits("corrupted")
             for name, fn in metrics.items():
-                _check_metric(name, torch.as_tensor(fn(corrupted_logits)), reduce, batch)
+                _check_metric(name, fn(corrupted_logits), reduce, batch)
         values, _evaluate, _clean, base = runner.run_grid(run, grid, activation_name)
     per_example = reduce != "scalar"
     store = values.float().to(getattr(model.cfg, "device", None) or values.device)

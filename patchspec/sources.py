@@ -57,6 +57,10 @@ class Runs(Protocol):
         """``[batch, pos]``: True at real tokens, False at padding (``None``: no padding)."""
         ...
 
+    def reference_mask(self, name: str) -> torch.Tensor | None:
+        """``[batch, pos]`` real tokens of a reference dataset (``None``: no padding)."""
+        ...
+
     def position_axes(self, hook_name: str) -> tuple[int, ...]:
         """Axes of the activation at ``hook_name`` that index token positions."""
         ...
@@ -211,6 +215,29 @@ def _receiving(source: Any, hook_name: str, runs: Runs) -> torch.Tensor:
     return runs.activation(source.receiver, hook_name)
 
 
+def _real_mean(
+    act: torch.Tensor, mask: torch.Tensor | None, position_axes: tuple[int, ...]
+) -> torch.Tensor:
+    """The mean over prompts (dim 0) at each position of the prompts real there."""
+    if mask is None:
+        return act.mean(0, keepdim=True)
+    shape = [mask.shape[0]] + [1] * (act.ndim - 1)
+    shape[position_axes[0]] = mask.shape[1]
+    weight = mask.to(act.dtype).view(shape)
+    return (act * weight).sum(0, keepdim=True) / weight.sum(0, keepdim=True).clamp(min=1)
+
+
+def _real_std(act: torch.Tensor, mask: torch.Tensor | None, position_axes: tuple[int, ...]) -> float:
+    """The standard deviation of ``act`` over every prompt, real position and feature."""
+    if mask is None:
+        return float(act.float().std())
+    shape = [mask.shape[0]] + [1] * (act.ndim - 1)
+    for axis in position_axes[:1]:
+        shape[axis] = mask.shape[1]
+    keep = mask.view(shape).expand_as(act)
+    return float(act.float()[keep].std())
+
+
 def pos_axis(hook_name: str) -> int:
     """The first axis of the activation at ``hook_name`` that indexes positions.
 
@@ -261,8 +288,8 @@ class Mean(Source):
     position separately; pad positions of prompts padded to a common length are left out of the
     average. Any other value names a reference dataset given at run time, either
     ``run(..., reference=tokens)`` (the name ``"reference"``) or ``run(..., reference={"name":
-    tokens, ...})``; its prompts must have the sweep's sequence length (padding, if any, is
-    averaged in). The tensors never live in the spec, so it stays hashable and serialisable.
+    tokens, ...})``; its prompts must have the sweep's sequence length (their padding, if any, is
+    left out of the average too). The tensors never live in the spec, so it stays hashable and serialisable.
 
     Args:
         over: ``"batch"`` or the name of a reference dataset.
@@ -285,14 +312,7 @@ class Mean(Source):
 
     def _mean(self, hook_name: str, runs: Runs, act: torch.Tensor) -> torch.Tensor:
         if self.over == "batch":
-            mask = runs.real_mask(self.receiver)
-            if mask is None:
-                return act.mean(0, keepdim=True)
-            axis = runs.position_axes(hook_name)[0]
-            shape = [mask.shape[0]] + [1] * (act.ndim - 1)
-            shape[axis] = mask.shape[1]
-            weight = mask.to(act.dtype).view(shape)
-            return (act * weight).sum(0, keepdim=True) / weight.sum(0, keepdim=True).clamp(min=1)
+            return _real_mean(act, runs.real_mask(self.receiver), runs.position_axes(hook_name))
         ref = runs.reference(self.over, hook_name)
         if ref.shape[1:] != act.shape[1:]:
             raise InputError(
@@ -300,7 +320,8 @@ class Mean(Source):
                 f"{tuple(ref.shape)}, but the sweep's prompts give {tuple(act.shape)}; a mean "
                 "over a reference dataset needs prompts of the same token length"
             )
-        return ref.mean(0, keepdim=True).to(act.dtype)
+        mask = runs.reference_mask(self.over)
+        return _real_mean(ref, mask, runs.position_axes(hook_name)).to(act.dtype)
 
     def needs(self) -> tuple[Receiver, ...]:
         """Only the receiving run."""
@@ -383,7 +404,7 @@ class Gaussian(Source):
     """Causal tracing's corruption: the receiving run's activation plus Gaussian noise.
 
     The noise is standard normal times ``scale``, or times ``scale`` x the standard deviation of
-    the receiving run's activation at that hook (over all its prompts, positions and features)
+    the receiving run's activation at that hook (over all its prompts, real positions and features)
     when ``relative=True``; Meng et al. 2022 ("Locating and Editing Factual Associations in
     GPT") add noise of 3 x the embeddings' standard deviation to the subject tokens, i.e.
     ``Gaussian(scale=3, relative=True)`` on ``resid_pre`` at layer 0 restricted to those
@@ -421,7 +442,8 @@ class Gaussian(Source):
         act = _receiving(self, hook_name, runs)
 
         def compute() -> torch.Tensor:
-            std = float(act.float().std()) if self.relative else 1.0
+            mask, axes = runs.real_mask(self.receiver), runs.position_axes(hook_name)
+            std = _real_std(act, mask, axes) if self.relative else 1.0
             noise = self.noise(hook_name, tuple(act.shape)).to(act.device)
             return (act.float() + noise * (self.scale * std)).to(act.dtype)
 

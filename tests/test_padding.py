@@ -254,3 +254,28 @@ def test_find_positions(gpt2):
         positions=table, progress=False,
     )
     assert list(result.pos_token.values) == ["w2", "w2|w4"]
+
+
+def test_reference_mean_and_relative_noise_leave_padding_out(gpt2):
+    """Mean(over=...) averages a padded reference dataset over its real tokens only, and
+    Gaussian(relative=True) takes the standard deviation over real positions only."""
+    from patchspec import Gaussian
+    from patchspec.model.session import Session
+
+    hook = "blocks.1.hook_resid_pre"
+    reference = ["w1 w2 w3 w4", "w5 w6"]  # 5 and 3 tokens, padded to the sweep's 5
+    session = Session(gpt2, TEXTS[:1] * 2, CORRUPTED[:1] * 2, hook_names={hook}, reference={"r": reference})
+    session.check_reference("r")
+    got = Mean(over="r").values(hook, session)[0]
+    alone = [gpt2.run_with_cache(text)[1][hook][0] for text in reference]
+    for pos in range(5):
+        want = torch.stack([a[pos] for a in alone if a.shape[0] > pos]).mean(0)
+        torch.testing.assert_close(got[pos], want, **TOL)
+
+    padded = Session(gpt2, TEXTS, CORRUPTED, hook_names={hook})
+    act = padded.activation("clean", hook)
+    real = torch.cat([act[b, :n] for b, n in enumerate(padded.lengths("clean"))])
+    assert abs(float(act.float().std()) - float(real.float().std())) > 1e-4  # padding matters
+    noise = Gaussian(scale=1.0, relative=True).values(hook, padded) - act
+    unit = Gaussian(scale=1.0).values(hook, padded) - act
+    torch.testing.assert_close(noise, unit * float(real.float().std()), **TOL)

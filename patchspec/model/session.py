@@ -477,6 +477,7 @@ class Session:
         else:
             self._references = {"reference": reference}
         self._reference_caches: dict[str, dict[str, torch.Tensor]] = {}
+        self._reference_read: dict[str, Inputs] = {}
         self._memo: dict[Any, torch.Tensor] = {}
         self._replays: dict[Receiver, Replay | None] = {}
 
@@ -654,7 +655,7 @@ class Session:
             InputError: no reference dataset of that name was passed to the sweep.
         """
         if name not in self._reference_caches:
-            tokens = self._reference_tokens(name)
+            tokens = self._reference_inputs(name).tokens
             _, self._reference_caches[name] = self.adapter.run_with_cache(tokens, self.hook_names)
         try:
             return self._reference_caches[name][hook_name]
@@ -663,7 +664,14 @@ class Session:
                 f"the reference dataset {name!r} has no activation {hook_name!r}"
             ) from None
 
-    def _reference_tokens(self, name: str) -> Tokens:
+    def reference_mask(self, name: str) -> torch.Tensor | None:
+        """``[batch, pos]`` real tokens of the reference dataset ``name``; ``None`` when unpadded."""
+        inputs = self._reference_inputs(name)
+        return None if all(n == inputs.seq for n in inputs.lengths) else inputs.mask()
+
+    def _reference_inputs(self, name: str) -> Inputs:
+        if name in self._reference_read:
+            return self._reference_read[name]
         if name not in self._references:
             given = ", ".join(map(repr, self._references)) or "none"
             raise InputError(
@@ -671,7 +679,9 @@ class Session:
                 f"reference=tokens (named 'reference') or reference={{{name!r}: tokens}} to "
                 f"run() (given: {given})"
             )
-        return to_tokens(self.model, self._references[name], f"reference {name!r}")
+        read = read_inputs(self.model, self._references[name], f"reference {name!r}")
+        self._reference_read[name] = read
+        return read
 
     def check_reference(self, name: str) -> None:
         """Raise unless the reference dataset ``name`` was given with the prompts' token length.
@@ -679,7 +689,7 @@ class Session:
         Raises:
             InputError: no such dataset, or its prompts have another token length.
         """
-        seq = int(self._reference_tokens(name).shape[1])
+        seq = self._reference_inputs(name).seq
         if seq != self.seq:
             raise InputError(
                 f"reference dataset {name!r} has prompts of {seq} tokens, but the sweep's "
