@@ -698,6 +698,7 @@ class PatchAccessor:
         every cell are adjusted together (Benjamini-Hochberg by default; ``correction=None``
         for the raw ones). See :func:`patchspec.stats.permutation_pvalue`.
         """
+        stats.check_correction(correction)  # options before the baselines are looked up
         data = self._obj
         if data.attrs.get("quantity") is None:
             data = effect(data)  # a result without baselines is refused, not tested as it is

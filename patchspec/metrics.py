@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from patchspec.errors import MetricError, did_you_mean, warn
+from patchspec.errors import MetricError, PatchSpecError, did_you_mean, warn
 
 Reduce = Literal["mean", "none"]
 REDUCES = ("mean", "none")
@@ -304,7 +304,7 @@ class Metric:
         """A function ``logits -> value`` for one sweep."""
 
         def bound(logits: torch.Tensor) -> torch.Tensor:
-            value = _as_value(self.fn(logits, context), self.name)
+            value = _as_value(_call(self, logits, context, "a cell"), self.name)
             return value.mean() if self.reduce == "mean" else value
 
         return bound
@@ -335,6 +335,23 @@ class Metric:
 
     def __call__(self, logits: torch.Tensor, context: MetricContext) -> torch.Tensor:
         return self.bind(context)(logits)
+
+
+def _call(
+    metric: Metric, logits: torch.Tensor, context: MetricContext, where: str | Callable[[], str]
+) -> Any:
+    """``metric.fn(logits, context)``; an exception of the metric's own becomes a
+    :class:`MetricError` naming the metric and the cell (out-of-memory errors pass through, so
+    an executor can split the chunk)."""
+    try:
+        return metric.fn(logits, context)
+    except (PatchSpecError, torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as err:
+        place = where if isinstance(where, str) else where()
+        raise MetricError(
+            f"metric {metric.name!r} raised {type(err).__name__} at {place}: {err}"
+        ) from err
 
 
 def _as_value(value: Any, name: str, where: str | Callable[[], str] | None = None) -> torch.Tensor:
@@ -503,9 +520,17 @@ def _token_id(model: Any, token: int | str, what: str) -> int:
         if model is None or not hasattr(model, "to_single_token"):
             raise MetricError(f"{what} token {token!r} is a string but the model cannot look it up")
         try:
-            return int(model.to_single_token(token))
+            found = int(model.to_single_token(token))
         except Exception as err:
             raise MetricError(f"{what} token {token!r} is not a single token of the model: {err}") from None
+        tokenizer = getattr(model, "tokenizer", None)
+        unk, unk_token = getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "unk_token", None)
+        if unk is not None and found == int(unk) and token != unk_token:
+            raise MetricError(
+                f"{what} token {token!r} is not in the model's vocabulary (the tokenizer maps it "
+                f"to its unknown token {unk_token!r}, id {found})"
+            )
+        return found
     size = int(d_vocab) if isinstance(d_vocab, numbers.Integral) else None
     if size is not None and token >= size:
         raise MetricError(
@@ -748,7 +773,7 @@ def _evaluate(
     metric: Metric, logits: torch.Tensor, context: MetricContext, where: str | Callable[[], str]
 ) -> torch.Tensor:
     """One metric's value on one cell's logits, reduced as it says."""
-    value = _as_value(metric.fn(logits, context), metric.name, where)
+    value = _as_value(_call(metric, logits, context, where), metric.name, where)
     return value.mean() if metric.reduce == "mean" else value
 
 
@@ -916,9 +941,8 @@ class Evaluator:
         per_metric: list[torch.Tensor] = []
         for metric in self.metrics:
             if metric.rowwise and metric.reduce in ("mean", "none"):
-                rows = _as_value(
-                    metric.fn(logits, context), metric.name, lambda: self.describe(cells[0])
-                )
+                first = functools.partial(self.describe, cells[0])
+                rows = _as_value(_call(metric, logits, context, first), metric.name, first)
                 if tuple(rows.shape) != (copies * batch,):
                     raise MetricError(
                         f"rowwise metric {metric.name!r} returned shape {tuple(rows.shape)} for "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -62,6 +63,25 @@ def parse_memory(value: str | int | float) -> int:
             f"string such as '2GB', '512MiB' (units: {', '.join(u for u in _UNITS if u)})"
         )
     return max(1, int(number * _UNITS[unit]))
+
+
+def as_int(value: Any) -> Any:
+    """attrs converter: numpy and torch integer scalars to ``int``; anything else unchanged
+    (bools and floats stay what they are, for the validator to refuse).
+
+    Example:
+        >>> import numpy as np
+        >>> as_int(np.int64(3)), as_int(True), as_int("x")
+        (3, True, 'x')
+    """
+    if isinstance(value, bool | int):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy integers
+        return int(value)
+    dtype = str(getattr(value, "dtype", ""))
+    if getattr(value, "ndim", None) == 0 and "int" in dtype:  # a torch integer scalar
+        return int(value)
+    return value
 
 
 def optional_count(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -131,7 +151,7 @@ class RunOptions:
     engine: Any = attrs.field(default=None, validator=_engine)
     executor: Any = attrs.field(default=None, validator=_executor)
     progress: bool | None = attrs.field(default=None, validator=_optional_flag)
-    cells_per_batch: int | None = attrs.field(default=None, validator=optional_count)
+    cells_per_batch: int | None = attrs.field(default=None, converter=as_int, validator=optional_count)
     max_memory: str | int | float | None = attrs.field(default=None, validator=optional_memory)
     start_at_layer: bool = attrs.field(default=True, validator=flag)
     hash_weights: bool = attrs.field(default=False, validator=flag)

@@ -678,3 +678,10 @@ def test_correction_errors_name_the_problem():
         stats.adjust_pvalues(xr.DataArray([-3.0, 2.0], dims="head", name="e"))
     with pytest.raises(InputError, match="already corrected"):
         stats.adjust_pvalues(stats.adjust_pvalues(TABLE))
+
+
+def test_correction_name_is_checked_before_anything_else() -> None:
+    """A misspelt correction is named even on a result that has no baselines."""
+    bare = xr.DataArray([[1.0, 2.0]], dims=("layer", "example"))
+    with pytest.raises(InputError, match=r"correction must be one of .* got 'bhh'; did you mean 'bh'\?"):
+        bare.patch.permutation_pvalue(correction="bhh")

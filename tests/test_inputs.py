@@ -162,3 +162,34 @@ def test_numpy_and_torch_integers_are_ints(gpt2):
         metrics.logit_diff(3, 7, pos="END", reduce="none"),
     ):
         np.testing.assert_allclose(run(gpt2, CLEAN, CORRUPTED, metric).values, want.values, atol=1e-6)
+
+
+def test_a_metric_that_raises_is_a_metric_error_naming_it(gpt2, forwards):
+    """An exception inside a user's metric names the metric and the cell; the cause is kept."""
+
+    def broken(logits):
+        return logits[:, 99999]
+
+    with pytest.raises(MetricError, match=r"metric 'broken' raised IndexError at the clean baseline") as info:
+        run(gpt2, CLEAN, CORRUPTED, broken)
+    assert isinstance(info.value.__cause__, IndexError)
+    assert len(forwards) == 2  # the two unpatched passes the baselines need, no patched one
+
+
+def test_a_word_outside_the_vocabulary_is_not_the_unknown_token(gpt2, forwards):
+    """A word the tokenizer maps to its unknown token is refused, not measured as <unk>."""
+    with pytest.raises(MetricError, match=r"answer token 'zzzz' is not in the model's vocabulary.*'<unk>'"):
+        run(gpt2, CLEAN, CORRUPTED, metrics.logit_diff("zzzz", "w1"))
+    assert forwards == []
+
+
+def test_numpy_and_torch_integers_are_accepted_as_options(gpt2):
+    """cells_per_batch takes numpy and torch integer scalars like ints (bools stay refused)."""
+    from patchspec.errors import OptionError
+
+    want = run(gpt2, CLEAN, CORRUPTED, cells_per_batch=2)
+    for count in (np.int64(2), torch.tensor(2)):
+        got = run(gpt2, CLEAN, CORRUPTED, cells_per_batch=count)
+        np.testing.assert_array_equal(got.values, want.values)
+    with pytest.raises(OptionError, match=r"cells_per_batch must be a positive int or None, got np\.True_"):
+        run(gpt2, CLEAN, CORRUPTED, cells_per_batch=np.bool_(True))
