@@ -200,9 +200,15 @@ def test_positions_that_no_longer_line_up_are_refused(gpt2):
         with pytest.raises(
             InputError, match=r"patches position 3, which is padding in clean prompt 0 \(3 real tokens\)"
         ):
-            catalog.HEAD_OUT.sel(pos=-1).using(Mean()).run(
+            catalog.HEAD_OUT.sel(pos=3).using(Mean()).run(
                 gpt2, ["w1 w2", "w3 w4 w5"], ["w6 w7", "w8 w9 w10"], metric, progress=False
             )
+        for restricted in (catalog.HEAD_OUT.sel(pos=-1), catalog.RESID_PRE.sel(pos=[0, -1])):
+            with pytest.raises(
+                InputError, match=r"-1 counts from the end of the padded batch \(column 3\), but "
+                r"corrupted prompt 0 has 3 real tokens of 4.*positions=\{'END': -1\}"
+            ):
+                restricted.run(gpt2, ["w1 w2", "w3 w4 w5"], ["w6 w7", "w8 w9 w10"], metric, progress=False)
         assert calls == []
     finally:
         handle.remove()

@@ -608,6 +608,8 @@ class Session:
         if not self.has(grid.receiver):
             return
         into = self.lengths(grid.receiver)
+        if any(n != self.seq for n in into):
+            _refuse_counting_from_the_padded_end(grid, into, self.seq)
         for label, sources, columns, fixed in _written_columns(grid, self.seq):
             for b, n in enumerate(into):
                 outside = sorted(c for c in fixed if c >= n)
@@ -696,6 +698,37 @@ class Session:
                 f"prompts have {self.seq}; a mean over a reference dataset needs prompts of the "
                 "same token length"
             )
+
+def _negative_entry(selector: Any) -> int | None:
+    """The first negative int of a restriction (an int, a list of ints, or slice bounds)."""
+    if isinstance(selector, slice):
+        entries = [selector.start, selector.stop]
+    elif isinstance(selector, tuple | list):
+        entries = list(selector)
+    else:
+        entries = [selector]
+    return next((e for e in entries if isinstance(e, int) and not isinstance(e, bool) and e < 0), None)
+
+
+def _refuse_counting_from_the_padded_end(grid: Grid, lengths: Sequence[int], seq: int) -> None:
+    """A negative position index means a column of the padded batch, not each prompt's own end:
+    with prompts of different lengths it would silently patch padding, so it is refused."""
+    short = next(b for b, n in enumerate(lengths) if n != seq)
+    for part in grid.parts:
+        for dim in part.layout.dims:
+            if dim not in POSITION_DIMS:
+                continue
+            entry = _negative_entry(part.spec.restriction(dim))
+            if entry is not None:
+                raise InputError(
+                    f"spec {part.spec.label!r} restricts {dim}={part.spec.restriction(dim)!r}: "
+                    f"{entry} counts from the end of the padded batch (column {seq + entry}), "
+                    f"but {grid.receiver} prompt {short} has {lengths[short]} real tokens of "
+                    f"{seq}, so that column is padding there. Name the position per prompt "
+                    "instead: positions={'END': -1} and .sel(pos='END') (or "
+                    "patchspec.find_positions), or use non-negative indices"
+                )
+
 
 def _written_columns(
     grid: Grid, seq: int
