@@ -426,25 +426,43 @@ def to_dataset(sweep: Sweep, arrays: Sequence[xr.DataArray]) -> xr.Dataset:
     shared = {k: first.attrs[k] for k in SHARED_ATTRS if k in first.attrs}
     if sweep.name is not None:
         shared["sweep"] = sweep.name
-    arrays_by_name = _shared_baselines(named)
-    try:
-        return xr.Dataset(arrays_by_name, attrs=shared)
-    except xr.MergeError:
-        # Specs measured at different coordinates of a shared dim (e.g. every position and only
-        # the last): the union of their coordinates, NaN where a spec was not measured; labels
-        # such as ``pos_token`` agree wherever both have one.
-        parts = [array.to_dataset(name=name) for name, array in arrays_by_name.items()]
-        try:
-            merged = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop")
-        except xr.MergeError as err:
-            raise InputError(
-                f"the specs of sweep {sweep.name or sweep.specs[0].label!r} cannot share one "
-                f"Dataset: {err}; run them separately"
-            ) from None
-        for name, array in arrays_by_name.items():
-            merged[name].attrs = dict(array.attrs)
-        merged.attrs = shared
-        return merged
+    return xr.Dataset(_on_shared_coords(_shared_baselines(named)), attrs=shared)
+
+
+def _on_shared_coords(arrays: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:
+    """The arrays reindexed to the union of their coordinates along every dim they share.
+
+    Specs may measure different coordinates of one dim (every position and only the last): each
+    variable gets the union, NaN where its spec was not measured, with the labels along the dim
+    (``pos_token`` ...) taken from whichever spec has them. Indices come in increasing order and
+    position names in the order they first appear (the positions table's order), never
+    alphabetically.
+    """
+    out = dict(arrays)
+    dims = dict.fromkeys(d for a in out.values() for d in a.dims if d in a.indexes)
+    for dim in dims:
+        having = [a for a in out.values() if dim in a.dims]
+        values = [list(a[dim].values) for a in having]
+        if all(v == values[0] for v in values):
+            continue
+        union = list(dict.fromkeys(v for vs in values for v in vs))
+        if all(isinstance(v, int | np.integer) for v in union):
+            union = sorted(union)
+        labels: dict[str, dict[Any, Any]] = {}
+        for array in having:
+            for name, coord in array.coords.items():
+                if coord.dims == (dim,) and name != dim:
+                    labels.setdefault(str(name), {}).update(
+                        zip(array[dim].values.tolist(), coord.values.tolist(), strict=True)
+                    )
+        for key, array in out.items():
+            if dim not in array.dims:
+                continue
+            moved = array.drop_vars([n for n in labels if n in array.coords]).reindex({dim: union})
+            out[key] = moved.assign_coords(
+                {n: (dim, [table.get(v, "") for v in union]) for n, table in labels.items()}
+            )
+    return out
 
 
 def _shared_baselines(arrays: Mapping[str, xr.DataArray]) -> dict[str, xr.DataArray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,16 @@ def test_sweep_mixing_named_and_index_coordinates_is_refused(gpt2, tokens) -> No
     sweep = Sweep(catalog.RESID_PRE.sel(pos=[0, 1]), catalog.ATTN_OUT.sel(pos=["END"]))
     with no_forward(gpt2), pytest.raises(InputError, match=r"both have dim 'pos', with index .* and name"):
         sweep.run(gpt2, clean, corrupted, per_example_metric, positions={"END": [5, 5]})
+
+
+def test_sweep_union_keeps_position_names_in_table_order(gpt2, tokens) -> None:
+    """Named positions of different specs join in the positions table's order, not A-Z."""
+    clean, corrupted = tokens
+    table = {"S2": [3, 3], "END": -1, "A": [1, 1]}
+    sweep = Sweep(catalog.RESID_PRE.sel(pos=["S2", "END"]), catalog.ATTN_OUT.sel(pos=["END", "A"]))
+    ds = sweep.run(gpt2, clean, corrupted, per_example_metric, positions=table)
+    assert list(ds.pos.values) == ["S2", "END", "A"]
+    assert bool(ds.resid_pre.sel(pos="A").isnull().all()) and bool(ds.attn_out.sel(pos="S2").isnull().all())
+    alone = catalog.ATTN_OUT.sel(pos=["END", "A"]).run(gpt2, clean, corrupted, per_example_metric, positions=table)
+    assert ds.pos_token.sel(pos="A").item() == alone.pos_token.sel(pos="A").item()
+    np.testing.assert_array_equal(ds.attn_out.sel(pos=["END", "A"]).values, alone.values)
