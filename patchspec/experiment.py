@@ -252,9 +252,9 @@ def _model(section: Any, base: Path, check: _Checker) -> dict[str, Any]:
         out["name"] = check.string(model["name"], "[model] name")
     if "device" in model:
         device = check.string(model["device"], "[model] device")
-        problem = device_problem(device)
-        if problem:
-            raise check.fail("[model] device", f"= {device!r} {problem}")
+        unusable = device_problem(device)
+        if unusable:
+            raise check.fail("[model] device", f"= {device!r} {unusable}")
         out["device"] = device
     return out
 
