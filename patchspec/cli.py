@@ -97,6 +97,14 @@ def _number(value: Any) -> str:
     return f"{float(value):.3f}"
 
 
+#: The attrs holding a run's unpatched metric values.
+BASELINES = ("clean_baseline", "corrupted_baseline")
+
+
+def _item(value: Any, i: int) -> Any:
+    return value[i] if isinstance(value, list | tuple) else value
+
+
 def report(ds: xr.Dataset, *, k: int = 2) -> None:
     """Print a sweep's baselines and the top ``k`` cells of each spec by normalised effect.
 
@@ -109,28 +117,30 @@ def report(ds: xr.Dataset, *, k: int = 2) -> None:
         print("no results")
         return
 
-    def baseline(key: str) -> Any:
-        return ds.attrs.get(key, first.attrs.get(key))
-
-    print(
-        f"baselines: clean {_number(baseline('clean_baseline'))}, "
-        f"corrupted {_number(baseline('corrupted_baseline'))}"
-    )
+    clean, corrupted = (ds.attrs.get(k, first.attrs.get(k)) for k in BASELINES)
+    if "metric" in first.dims:  # a baseline per metric (each a number or one per prompt)
+        for i, metric in enumerate(first["metric"].values.tolist()):
+            print(
+                f"baselines [{metric}]: clean {_number(_item(clean, i))}, "
+                f"corrupted {_number(_item(corrupted, i))}"
+            )
+    else:
+        print(f"baselines: clean {_number(clean)}, corrupted {_number(corrupted)}")
     rows: list[tuple[str, str, str]] = []  # (name, what was ranked, cells)
     for name, result in ds.data_vars.items():
-        metrics = result["metric"].values.tolist() if "metric" in result.dims else [None]
+        try:
+            effects = result.patch.normalized()
+            what = f"normalised effect {formula(effects)}"
+            meaning = effects.attrs.get("meaning") or MEANINGS.get(formula(effects))
+            if meaning:
+                what += f": {meaning}"
+        except InputError:  # no clean baseline to normalise by
+            effects = result.patch.effect()
+            what = "effect (patched minus the receiving run's baseline)"
+        metrics = effects["metric"].values.tolist() if "metric" in effects.dims else [None]
         for metric in metrics:
-            one = result if metric is None else result.sel(metric=metric)
+            effect = effects if metric is None else effects.sel(metric=metric)
             label = str(name) if metric is None else f"{name} [{metric}]"
-            try:
-                effect = one.patch.normalized()
-                what = f"normalised effect {formula(effect)}"
-                meaning = effect.attrs.get("meaning") or MEANINGS.get(formula(effect))
-                if meaning:
-                    what += f": {meaning}"
-            except InputError:  # no clean baseline to normalise by
-                effect = one.patch.effect()
-                what = "effect (patched minus the receiving run's baseline)"
             best = effect.patch.top(k, absolute=False)
             cells = ", ".join(describe(best.sel(rank=r)) for r in best["rank"].values)
             rows.append((label, what, cells or "no cells measured"))
