@@ -94,7 +94,8 @@ def _number(value: Any) -> str:
     if isinstance(value, list | tuple):
         flat = [float(v) for v in value]
         return f"mean {sum(flat) / len(flat):.3f} over {len(flat)} prompts" if flat else "none"
-    return f"{float(value):.3f}"
+    text = f"{float(value):.3f}"
+    return "0.000" if text == "-0.000" else text
 
 
 #: The attrs holding a run's unpatched metric values.

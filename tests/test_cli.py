@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io as io_
 import json
 import re
 import shutil
@@ -18,11 +20,33 @@ from patchspec.cli import demo, main, run_experiment, write_outputs
 from patchspec.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
+#: What the demo printed (filled by the ``found`` fixture).
+PRINTED: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
 def found(tmp_path_factory):
-    return demo(tmp_path_factory.mktemp("demo"), progress=False)
+    printed = io_.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = demo(tmp_path_factory.mktemp("demo"), progress=False)
+    PRINTED["demo"] = printed.getvalue()
+    return result
+
+
+def test_docs_show_what_the_demo_prints_and_every_option(found):
+    """docs/cli.md's demo output is what the demo prints (but the folder and timing), and the
+    page names every option of the parser."""
+    page = (ROOT / "docs" / "cli.md").read_text()
+    section = page[page.index("## `patchspec demo`") :]
+    shown = section[section.index("```text\n") + 8 :]
+    shown = shown[: shown.index("```")]
+    printed = PRINTED["demo"]
+    def tail(text):
+        return re.sub(r"Wrote 18 files to .*", "Wrote 18 files", text.strip())
+    assert tail(shown) == tail(printed)
+    for action in cli.parser()._subparsers._group_actions[0].choices["run"]._actions:
+        for flag in action.option_strings:
+            assert flag in page or flag in ("-h", "--help"), flag
 
 
 def test_demo_finds_the_heads_the_head_detector_finds(found):
