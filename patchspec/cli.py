@@ -324,6 +324,7 @@ def run_experiment(
     if folder.exists() and not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} exists and is not a folder")
     model = load_model(model_spec)
+    print(f"{path}: {len(experiment.specs)} specs, {len(experiment.clean)} prompt pairs")
     ds = experiment.sweep.run(
         model,
         experiment.clean,
@@ -334,7 +335,6 @@ def run_experiment(
         reference=experiment.reference,
         **options,
     )
-    print(f"{path}: {len(ds.data_vars)} specs, {len(experiment.clean)} prompt pairs")
     report(ds)
     written = write_outputs(ds, folder, plots=experiment.plots if plots is None else plots)
     print(f"\nWrote {len(written)} files to {folder}/")
