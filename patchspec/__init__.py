@@ -1,31 +1,88 @@
-"""patchspec: declarative, labelled, fast activation patching for TransformerLens models."""
+"""patchspec: declarative, labelled, fast activation patching for TransformerLens models.
 
-# accessor defines the .patch accessor of results (xarray registers it when it is imported)
-from patchspec import accessor, batched, catalog, metrics, sources, stats
-from patchspec.errors import (
-    HookError,
-    InputError,
-    MetricError,
-    OptionError,
-    PatchSpecError,
-    PatchSpecWarning,
-    SpecError,
-)
-from patchspec.execute import (
-    Chunk,
-    Estimator,
-    Executor,
-    Task,
-    register_estimator,
-    register_executor,
-)
-from patchspec.io import load, save
-from patchspec.layouts import LAYOUTS, Layout, register_layout
-from patchspec.locate import find_positions
-from patchspec.model import ModelAdapter
-from patchspec.options import RunOptions
-from patchspec.sources import Clean, Corrupted, Gaussian, Mean, Resample, Zero, register_source
-from patchspec.spec import JointSpec, PatchSpec, Sweep, run, spec_from_dict
+Names are imported on first use (``patchspec.PatchSpec`` imports :mod:`patchspec.spec` and so
+torch), so ``import patchspec`` and ``patchspec --help`` stay fast. The first use of any name also
+registers the ``.patch`` accessor of results (:mod:`patchspec.accessor`); producing results
+(``spec.run``, ``patchspec.load``) registers it too.
+
+Example:
+    >>> import patchspec
+    >>> patchspec.PatchSpec.__name__, "patchspec.accessor" in __import__("sys").modules
+    ('PatchSpec', True)
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__: str = _version("patchspec")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+    __version__ = "0+unknown"
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
+    from patchspec import accessor, batched, catalog, metrics, sources, stats
+    from patchspec.errors import (
+        HookError,
+        InputError,
+        MetricError,
+        OptionError,
+        PatchSpecError,
+        PatchSpecWarning,
+        SpecError,
+    )
+    from patchspec.execute import (
+        Chunk,
+        Estimator,
+        Executor,
+        Task,
+        register_estimator,
+        register_executor,
+    )
+    from patchspec.io import load, save
+    from patchspec.layouts import LAYOUTS, Layout, register_layout
+    from patchspec.locate import find_positions
+    from patchspec.model import ModelAdapter
+    from patchspec.options import RunOptions
+    from patchspec.sources import Clean, Corrupted, Gaussian, Mean, Resample, Zero, register_source
+    from patchspec.spec import JointSpec, PatchSpec, Sweep, run, spec_from_dict
+
+#: Where each public name lives: a module's name for a submodule, else ``(module, attribute)``.
+_LAZY: dict[str, str | tuple[str, str]] = {
+    **{m: f"patchspec.{m}" for m in ("accessor", "batched", "catalog", "metrics", "sources", "stats")},
+    **{
+        n: ("patchspec.errors", n)
+        for n in (
+            "HookError",
+            "InputError",
+            "MetricError",
+            "OptionError",
+            "PatchSpecError",
+            "PatchSpecWarning",
+            "SpecError",
+        )
+    },
+    **{
+        n: ("patchspec.execute", n)
+        for n in ("Chunk", "Estimator", "Executor", "Task", "register_estimator", "register_executor")
+    },
+    "load": ("patchspec.io", "load"),
+    "save": ("patchspec.io", "save"),
+    "LAYOUTS": ("patchspec.layouts", "LAYOUTS"),
+    "Layout": ("patchspec.layouts", "Layout"),
+    "register_layout": ("patchspec.layouts", "register_layout"),
+    "find_positions": ("patchspec.locate", "find_positions"),
+    "ModelAdapter": ("patchspec.model", "ModelAdapter"),
+    "RunOptions": ("patchspec.options", "RunOptions"),
+    **{
+        n: ("patchspec.sources", n)
+        for n in ("Clean", "Corrupted", "Gaussian", "Mean", "Resample", "Zero", "register_source")
+    },
+    **{n: ("patchspec.spec", n) for n in ("JointSpec", "PatchSpec", "Sweep", "run", "spec_from_dict")},
+}
 
 __all__ = [
     "LAYOUTS",
@@ -69,3 +126,20 @@ __all__ = [
     "stats",
 ]
 
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use (PEP 562) and register the ``.patch`` accessor."""
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'patchspec' has no attribute {name!r}")
+    if isinstance(where, str):
+        value: Any = importlib.import_module(where)
+    else:
+        value = getattr(importlib.import_module(where[0]), where[1])
+    importlib.import_module("patchspec.accessor")  # results read through .patch
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -3,6 +3,10 @@
 ``demo`` patches the bundled toy model (a two-layer transformer trained on induction) and shows
 activation patching find its circuit: a previous-token head in layer 0 feeding an induction
 head in layer 1 (Olsson et al. 2022, "In-context Learning and Induction Heads").
+
+Only the standard library, ``attrs`` and :mod:`patchspec.errors` are imported here; torch,
+TransformerLens, xarray and patchspec's own heavy modules are imported when a command runs, so
+``patchspec --help`` and ``patchspec --version`` answer at once.
 """
 
 from __future__ import annotations
@@ -12,33 +16,53 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import xarray as xr
 
-from patchspec import catalog, metrics
 from patchspec.errors import InputError, PatchSpecError
-from patchspec.spec import Sweep
 
-DEMO_SPECS = (
-    catalog.RESID_PRE,
-    catalog.ATTN_OUT,
-    catalog.MLP_OUT,
-    catalog.HEAD_OUT,
-    catalog.HEAD_OUT_BY_POS,
-    catalog.HEAD_Q,
-    catalog.HEAD_K,
-    catalog.HEAD_V,
-    catalog.HEAD_PATTERN,
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from patchspec.spec import AnySpec
+
+#: The built-in engines (``patchspec.execute.registry.ESTIMATORS``), named here so that
+#: ``--help`` needs no torch; a test keeps the two in step.
+ENGINES = ("batched", "reference")
+
+#: The catalogue specs the demo sweeps, by name (see :func:`demo_specs`).
+DEMO_SPEC_NAMES = (
+    "RESID_PRE",
+    "ATTN_OUT",
+    "MLP_OUT",
+    "HEAD_OUT",
+    "HEAD_OUT_BY_POS",
+    "HEAD_Q",
+    "HEAD_K",
+    "HEAD_V",
+    "HEAD_PATTERN",
 )
+
+
+def demo_specs() -> tuple[AnySpec, ...]:
+    """The demo's specs: the standard sweeps of :data:`DEMO_SPEC_NAMES`."""
+    from patchspec import catalog
+
+    return tuple(getattr(catalog, name) for name in DEMO_SPEC_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEMO_SPECS":  # the name it had; built on first use (it imports torch)
+        return demo_specs()
+    raise AttributeError(f"module 'patchspec.cli' has no attribute {name!r}")
 
 
 def describe(cell: xr.DataArray) -> str:
     """``layer=1 head=2 pos=9 ('c'): +0.94``: one row of ``result.patch.top()``."""
     parts = []
     for name, coord in cell.coords.items():
-        if name == "rank" or str(name).endswith("_token"):
+        if name in ("rank", "metric") or str(name).endswith("_token") or coord.ndim:
             continue
         label = f"{name}={coord.item()}"
         if f"{name}_token" in cell.coords:
@@ -51,7 +75,7 @@ def describe(cell: xr.DataArray) -> str:
 DEFAULT_FORMULA = "(patched - corrupted) / (clean - corrupted)"
 
 
-#: What a normalised effect of 1 means, by formula.
+#: What a normalised effect of 1 means, by formula (when its ``attrs["meaning"]`` does not say).
 MEANINGS = {
     DEFAULT_FORMULA: "1 = patching restores the clean answer",
     "(clean - patched) / (clean - corrupted)": "1 = patching destroys the clean answer",
@@ -61,6 +85,73 @@ MEANINGS = {
 def formula(effect: xr.DataArray | xr.Dataset) -> str:
     """The formula of a normalised effect, as its attrs state it."""
     return str(effect.attrs.get("formula", DEFAULT_FORMULA))
+
+
+def _number(value: Any) -> str:
+    """A baseline as text: ``1.234``, or ``mean 1.234 over 16 prompts`` for one per prompt."""
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        flat = [float(v) for v in value]
+        return f"mean {sum(flat) / len(flat):.3f} over {len(flat)} prompts" if flat else "none"
+    text = f"{float(value):.3f}"
+    return "0.000" if text == "-0.000" else text
+
+
+#: The attrs holding a run's unpatched metric values.
+BASELINES = ("clean_baseline", "corrupted_baseline")
+
+
+def _item(value: Any, i: int) -> Any:
+    return value[i] if isinstance(value, list | tuple) else value
+
+
+def report(ds: xr.Dataset, *, k: int = 2) -> None:
+    """Print a sweep's baselines and the top ``k`` cells of each spec by normalised effect.
+
+    The summary ``patchspec demo`` and ``patchspec run`` print. A result that cannot be
+    normalised (no clean baseline) is ranked by its effect instead; one with a ``metric`` dim
+    is ranked per metric.
+    """
+    first = next(iter(ds.data_vars.values()), None)
+    if first is None:
+        print("no results")
+        return
+
+    clean, corrupted = (ds.attrs.get(k, first.attrs.get(k)) for k in BASELINES)
+    if "metric" in first.dims:  # a baseline per metric (each a number or one per prompt)
+        for i, metric in enumerate(first["metric"].values.tolist()):
+            print(
+                f"baselines [{metric}]: clean {_number(_item(clean, i))}, "
+                f"corrupted {_number(_item(corrupted, i))}"
+            )
+    else:
+        print(f"baselines: clean {_number(clean)}, corrupted {_number(corrupted)}")
+    rows: list[tuple[str, str, str]] = []  # (name, what was ranked, cells)
+    for name, result in ds.data_vars.items():
+        try:
+            effects = result.patch.normalized()
+            what = f"normalised effect {formula(effects)}"
+            meaning = effects.attrs.get("meaning") or MEANINGS.get(formula(effects))
+            if meaning:
+                what += f": {meaning}"
+        except InputError:  # no clean baseline to normalise by
+            effects = result.patch.effect()
+            what = "effect (patched minus the receiving run's baseline)"
+        metrics = effects["metric"].values.tolist() if "metric" in effects.dims else [None]
+        for metric in metrics:
+            effect = effects if metric is None else effects.sel(metric=metric)
+            label = str(name) if metric is None else f"{name} [{metric}]"
+            best = effect.patch.top(k, absolute=False)
+            cells = ", ".join(describe(best.sel(rank=r)) for r in best["rank"].values)
+            rows.append((label, what, cells or "no cells measured"))
+    shown = None
+    width = max(16, *(len(label) for label, _w, _c in rows))
+    for label, what, cells in rows:
+        if what != shown:
+            print(f"\nTop cells by {what}:")
+            shown = what
+        print(f"  {label:<{width}} {cells}")
 
 
 def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
@@ -117,14 +208,48 @@ class DemoResult:
     files: list[Path]
 
 
+def _check_device(device: str | None, where: str = "--device") -> None:
+    """Refuse a device this machine does not have, before anything loads.
+
+    Raises:
+        InputError: naming the device and why.
+    """
+    if device is None:
+        return
+    from patchspec.experiment import device_problem
+
+    problem = device_problem(device)
+    if problem:
+        raise InputError(f"{where} {device!r} {problem}")
+
+
 def demo(
-    out: Path, *, progress: bool = True, plots: bool = True, engine: str | None = None
+    out: Path,
+    *,
+    progress: bool | None = None,
+    plots: bool = True,
+    engine: str | None = None,
+    device: str | None = None,
 ) -> DemoResult:
-    """Run the demo sweeps on the toy model, print a summary, write results; return them."""
+    """Run the demo sweeps on the toy model, print a summary, write results; return them.
+
+    Args:
+        out: The output folder.
+        progress: Show the progress bar (default: on a terminal, for runs of 64 cells or more).
+        plots: Write a heatmap PNG per spec.
+        engine: The estimator (default ``"batched"``).
+        device: Where the model runs (default: CUDA when available, else the CPU).
+
+    Raises:
+        InputError: the device is not available here, or an output cannot be written.
+    """
+    _check_device(device)
+    from patchspec import metrics
+    from patchspec.spec import Sweep
     from patchspec.toy import detected_heads, induction_prompts, toy_model
 
     started = time.perf_counter()
-    model = toy_model()
+    model = toy_model(device)
     last = model.cfg.n_layers - 1
     # Replacing the query word's first occurrence breaks the previous-token link, so patching
     # reveals both halves of the circuit (see patchspec.toy.induction_prompts).
@@ -136,21 +261,11 @@ def demo(
     print(f"clean:     {prompts.clean[0]}")
     print(f"corrupted: {prompts.corrupted[0]}")
     print(f"metric:    log-probability of {prompts.answer[0]!r} at the last position")
-    ds = Sweep(*DEMO_SPECS, name="demo").run(
+    ds = Sweep(*demo_specs(), name="demo").run(
         model, prompts.clean, prompts.corrupted, metric, progress=progress, engine=engine
     )
-    print(
-        f"baselines: clean {ds.attrs['clean_baseline']:.3f}, corrupted {ds.attrs['corrupted_baseline']:.3f}"
-    )
-    effects = {name: result.patch.normalized() for name, result in ds.data_vars.items()}
-    shown = formula(next(iter(effects.values())))
-    meaning = MEANINGS.get(shown)
-    print(f"\nTop cells by normalised effect {shown}{f' ({meaning})' if meaning else ''}:")
-    for name, effect in effects.items():
-        best = effect.patch.top(2, absolute=False)
-        cells = ", ".join(describe(best.sel(rank=r)) for r in best["rank"].values)
-        print(f"  {name:<16} {cells}")
-    heads = effects["head_out"]
+    report(ds)
+    heads = ds["head_out"].patch.normalized()
     prev = int(heads.sel(layer=0).argmax("head"))
     induction = int(heads.sel(layer=last).argmax("head"))
     print(
@@ -172,12 +287,44 @@ def demo(
     return DemoResult(ds, prev, induction, detector, written)
 
 
-def run_experiment(path: Path, *, progress: bool = True) -> xr.Dataset:
-    """Run an experiment file end to end; return the results."""
+def run_experiment(
+    path: Path,
+    *,
+    progress: bool | None = None,
+    out: Path | None = None,
+    device: str | None = None,
+    engine: str | None = None,
+    plots: bool | None = None,
+) -> xr.Dataset:
+    """Run an experiment file end to end, print its baselines and top cells; return the results.
+
+    Args:
+        path: The experiment file (TOML).
+        progress: Show the progress bar (default: on a terminal, for runs of 64 cells or more).
+        out: The output folder instead of ``[output] folder``.
+        device: The device instead of ``[model] device``.
+        engine: The engine instead of ``[run] engine``.
+        plots: Instead of ``[output] plots``.
+
+    Raises:
+        ExperimentError: the file is malformed or the model cannot be loaded.
+        InputError: the device is not available here, or an output cannot be written.
+    """
+    _check_device(device)
     from patchspec.experiment import load_experiment, load_model
 
     experiment = load_experiment(path)  # checks the whole file before the model loads
-    model = load_model(experiment.model)
+    model_spec = dict(experiment.model)
+    if device is not None:
+        model_spec["device"] = device
+    options = dict(experiment.options)
+    if engine is not None:
+        options["engine"] = engine
+    folder = experiment.folder if out is None else out
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"output folder {str(folder)!r} exists and is not a folder")
+    model = load_model(model_spec)
+    print(f"{path}: {len(experiment.specs)} specs, {len(experiment.clean)} prompt pairs")
     ds = experiment.sweep.run(
         model,
         experiment.clean,
@@ -186,42 +333,92 @@ def run_experiment(path: Path, *, progress: bool = True) -> xr.Dataset:
         progress=progress,
         positions=experiment.positions,
         reference=experiment.reference,
-        **experiment.options,
+        **options,
     )
-    written = write_outputs(ds, experiment.folder, plots=experiment.plots)
-    for name, result in ds.data_vars.items():
-        print(f"{name}: dims {dict(result.sizes)}")
-    print(f"Wrote {len(written)} files to {experiment.folder}/")
+    report(ds)
+    written = write_outputs(ds, folder, plots=experiment.plots if plots is None else plots)
+    print(f"\nWrote {len(written)} files to {folder}/")
     return ds
 
 
+def _version() -> str:
+    from patchspec import __version__
+
+    return __version__
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``patchspec`` argument parser (imports nothing heavy)."""
+    top = argparse.ArgumentParser(
+        prog="patchspec",
+        description="Activation patching for TransformerLens models, with labelled results.",
+        epilog="Run 'patchspec COMMAND --help' for a command's options.",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, out_help: str) -> None:
+        p.add_argument("--out", type=Path, metavar="FOLDER", help=out_help)
+        p.add_argument(
+            "--device",
+            metavar="DEVICE",
+            help="where the model runs: cpu, cuda, cuda:1, mps (default: cuda when available)",
+        )
+        p.add_argument(
+            "--engine",
+            choices=ENGINES,
+            help="how cells are computed: batched (default, many cells per forward pass) or "
+            "reference (one plain forward pass per cell)",
+        )
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="show a progress bar (default: on a terminal, for runs of 64 cells or more)",
+        )
+        p.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
+
+    d = sub.add_parser(
+        "demo",
+        help="patch the bundled toy model and find its induction circuit",
+        description="Patch the bundled two-layer toy model, print the top cells of each sweep "
+        "and the induction circuit they reveal, and write one netCDF file and one heatmap per "
+        "sweep.",
+    )
+    common(d, "output folder (default: patchspec-demo)")
+    r = sub.add_parser(
+        "run",
+        help="run an experiment file (TOML)",
+        description="Run an experiment file: print the baselines and the top cells of each spec, "
+        "and write one netCDF file (and heatmap) per spec. The whole file is checked before the "
+        "model loads. See docs/cli.md for the format.",
+    )
+    r.add_argument("experiment", type=Path, metavar="EXPERIMENT.toml")
+    common(r, "output folder (default: [output] folder of the file)")
+    return top
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``patchspec`` console script."""
-    parser = argparse.ArgumentParser(prog="patchspec", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="patch the bundled toy model and find its induction circuit")
-    d.add_argument(
-        "--out",
-        type=Path,
-        default=Path("patchspec-demo"),
-        help="output folder (default: patchspec-demo)",
-    )
-    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    d.add_argument("--no-plots", action="store_true", help="skip the PNG heatmaps")
-    d.add_argument(
-        "--engine", choices=None, default=None, help="executor: batched (default) or reference"
-    )
-    r = sub.add_parser("run", help="run an experiment file (TOML)")
-    r.add_argument("experiment", type=Path)
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
+    """Entry point of the ``patchspec`` console script: 0 on success, 2 on a bad input."""
+    args = parser().parse_args(argv)
     try:
         if args.command == "demo":
             demo(
-                args.out, progress=not args.no_progress, plots=not args.no_plots, engine=args.engine
+                args.out or Path("patchspec-demo"),
+                progress=args.progress,
+                plots=not args.no_plots,
+                engine=args.engine,
+                device=args.device,
             )
         else:
-            run_experiment(args.experiment, progress=not args.no_progress)
+            run_experiment(
+                args.experiment,
+                progress=args.progress,
+                out=args.out,
+                device=args.device,
+                engine=args.engine,
+                plots=False if args.no_plots else None,
+            )
     except (PatchSpecError, OSError) as err:
         message = " ".join(str(err).split())
         print(f"patchspec: error: {message}", file=sys.stderr)

@@ -241,17 +241,63 @@ def _model(section: Any, base: Path, check: _Checker) -> dict[str, Any]:
                     f"= {raw!r} is not a folder: {str(path)!r} (relative paths are relative to "
                     "the experiment file; use name = ... for a model id)",
                 )
+            if not (path / "config.json").is_file():
+                raise check.fail(
+                    "[model] path",
+                    f"= {raw!r} is not a model folder: {str(path)!r} has no config.json (save a "
+                    "model there with save_pretrained, or use name = ... for a model id)",
+                )
             out["path"] = str(path)
     else:
         out["name"] = check.string(model["name"], "[model] name")
     if "device" in model:
         device = check.string(model["device"], "[model] device")
-        try:
-            torch.device(device)
-        except (RuntimeError, ValueError) as err:
-            raise check.fail("[model] device", f"= {device!r} is not a device: {err}") from None
+        unusable = device_problem(device)
+        if unusable:
+            raise check.fail("[model] device", f"= {device!r} {unusable}")
         out["device"] = device
     return out
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot hold a model here (not a device name, or not on this machine);
+    ``None`` when it can.
+
+    Example:
+        >>> device_problem("cpu") is None
+        True
+        >>> device_problem("gpu")
+        "is not a device (valid: 'cpu', 'cuda', 'cuda:1', 'mps', ...)"
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return "is not a device (valid: 'cpu', 'cuda', 'cuda:1', 'mps', ...)"
+    kind = parsed.type
+    if kind == "cpu" or kind == "meta":
+        return None
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"torch {torch.__version__} here is a CPU-only build"
+                if torch.version.cuda is None
+                else "no CUDA device found"
+            )
+            return f"is not available: {why}; use 'cpu'"
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            return f"is not available: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        return None
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "is not available: no Apple MPS device here; use 'cpu'"
+        return None
+    module = getattr(torch, kind, None)
+    available = getattr(module, "is_available", None)
+    if callable(available) and not available():
+        return "is not available on this machine; use 'cpu'"
+    return None
 
 
 def _rows(path: Path, check: _Checker) -> list[dict[str, Any]]:
@@ -641,12 +687,16 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     source = str(path)
     check = _Checker(source)
+    if path.is_dir():
+        raise ExperimentError(f"{source}: is a folder, not an experiment file (a .toml file)")
     if not path.is_file():
         raise ExperimentError(f"{source}: no such experiment file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ExperimentError(f"{source}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ExperimentError(f"{source}: cannot be read: {err.strerror or err}") from None
     unknown = sorted(set(data) - SECTIONS)
     if unknown:
         raise check.fail(
@@ -697,6 +747,8 @@ def load_model(spec: Mapping[str, Any]) -> Any:
     """
     device = spec.get("device")
     where = f"path {spec['path']!r}" if "path" in spec else f"name {spec.get('name')!r}"
+    if device is not None and device_problem(device):
+        raise ExperimentError(f"[model] device = {device!r} {device_problem(device)}")
     try:
         if spec.get("path") == "toy":
             from patchspec.toy import toy_model
@@ -704,9 +756,12 @@ def load_model(spec: Mapping[str, Any]) -> Any:
             return toy_model(device=device)
         from transformer_lens.model_bridge import TransformerBridge
 
-        model = TransformerBridge.boot_transformers(
-            str(spec.get("path", spec.get("name"))), device=device
-        )
+        from patchspec.toy import quiet_loading
+
+        with quiet_loading():
+            model = TransformerBridge.boot_transformers(
+                str(spec.get("path", spec.get("name"))), device=device
+            )
     except Exception as err:
         raise ExperimentError(
             f"[model] {where} cannot be loaded: {type(err).__name__}: {err}"

@@ -649,6 +649,8 @@ def load(path: str | Path, *, format: Format | None = None) -> xr.DataArray | xr
             truncated, is not a patchspec result, was written by a newer patchspec (a newer
             ``patchspec_format``), or the format's package is missing.
     """
+    import patchspec.accessor  # noqa: F401  (registers .patch on what is loaded)
+
     path = Path(path)
     source = repr(str(path))
     if not path.exists():

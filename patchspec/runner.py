@@ -16,8 +16,10 @@ validate -> session -> compile -> estimate -> label:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+import patchspec.accessor  # noqa: F401  (registers the .patch accessor of the results made here)
 from patchspec.errors import InputError, MetricError, SpecError
-from patchspec.execute.protocols import Estimator, Executor, Task
+from patchspec.execute.protocols import Estimator, Executor, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
@@ -48,7 +51,8 @@ from patchspec.spec import AnySpec, Sweep
 
 log = logging.getLogger(__name__)
 
-#: Sweeps with at least this many cells show a progress bar unless ``progress=False``.
+#: Runs of at least this many cells (all specs together) show a progress bar by default, on a
+#: terminal or in a notebook; ``progress=True`` always shows one, ``progress=False`` never.
 PROGRESS_FROM = 64
 #: Attrs every variable of a Sweep's Dataset shares, lifted to the Dataset.
 SHARED_ATTRS = (
@@ -213,6 +217,39 @@ def _named_positions(
     return attrs.evolve(resolved, labels=labels)
 
 
+def interactive() -> bool:
+    """Whether a person is likely watching: stderr is a terminal, or this is a Jupyter kernel."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    if isatty is not None and isatty():
+        return True
+    return "ipykernel" in sys.modules
+
+
+def show_progress(progress: bool | None, cells: int) -> bool:
+    """Whether a run of ``cells`` cells shows a bar: ``progress`` when given, else for runs of
+    :data:`PROGRESS_FROM` cells or more when :func:`interactive` (quiet in pipes, logs and CI).
+
+    Example:
+        >>> show_progress(True, 1), show_progress(False, 10_000)
+        (True, False)
+    """
+    if progress is not None:
+        return bool(progress)
+    return cells >= PROGRESS_FROM and interactive()
+
+
+@contextlib.contextmanager
+def run_progress(
+    progress: bool | None, labels: Sequence[str], cells: int, engine: str
+) -> Iterator[Progress]:
+    """The one bar of a run over every spec's cells: ``patching 7 specs (batched)``, or
+    ``patching head_out (batched)`` for one spec; the spec being run is its postfix."""
+    what = labels[0] if len(labels) == 1 else f"{len(labels)} specs"
+    desc = f"patching {what} ({engine})".replace("  ", " ")
+    with Progress.open(show_progress(progress, cells), total=cells, desc=desc) as bar:
+        yield bar
+
+
 def estimate(
     estimator: Estimator,
     executor: Executor,
@@ -232,7 +269,10 @@ def estimate(
             f"estimator {estimator.name!r} planned {covered} cells for {len(task.cells)}; "
             "its chunks must cover every cell exactly once"
         )
-    show = len(task.cells) >= PROGRESS_FROM if progress is None else progress
+    if task.progress is not None:  # the run's bar decides
+        show = task.progress.enabled
+    else:
+        show = show_progress(progress, len(task.cells))
     values = executor.run(estimator, task, chunks, progress=show)
     stats = task.memo.get("stats")
     log.debug(
@@ -254,7 +294,11 @@ def estimate(
 
 
 def run_grid(
-    run: Run, grid: Grid, label: str, cells: np.ndarray | None = None
+    run: Run,
+    grid: Grid,
+    label: str,
+    cells: np.ndarray | None = None,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, Evaluator, torch.Tensor | None, torch.Tensor]:
     """The values of one grid's cells, and the evaluator and baselines.
 
@@ -263,6 +307,8 @@ def run_grid(
         grid: The grid.
         label: The spec's label, for progress and errors.
         cells: Flat indices of the cells to compute (default: all); the others are NaN.
+        progress: The run's bar (:func:`run_progress`); default: a bar of this grid's own,
+            shown as ``run.options.progress`` and :func:`show_progress` decide.
 
     Returns:
         ``(values, evaluator, clean_baseline, corrupted_baseline)``.
@@ -278,8 +324,14 @@ def run_grid(
         )
         corrupted_base = evaluate(session.logits("corrupted"), "the corrupted baseline")
     chosen = np.arange(grid.n_cells, dtype=np.int64) if cells is None else np.unique(cells)
-    task = Task(grid, chosen, session, run.adapter, evaluate, label)
-    values = estimate(run.estimator, run.executor, task, progress=run.options.progress)
+    with contextlib.ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(
+                run_progress(run.options.progress, [label], len(chosen), run.estimator.name)
+            )
+        progress.spec(label)
+        task = Task(grid, chosen, session, run.adapter, evaluate, label, progress=progress)
+        values = estimate(run.estimator, run.executor, task, progress=run.options.progress)
     if cells is not None:  # not measured means NaN
         full = values.new_full((grid.n_cells, *values.shape[1:]), float("nan"))
         full[torch.as_tensor(chosen, device=values.device)] = values
@@ -386,9 +438,14 @@ def run_specs(
         grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
         check_shared_dims(specs, grids)
         arrays = []
-        for spec, grid in zip(specs, grids, strict=True):
-            values, evaluate, clean_base, corrupted_base = run_grid(run, grid, spec.label)
-            arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
+        labels = [spec.label for spec in specs]
+        cells = sum(grid.n_cells for grid in grids)
+        with run_progress(run.options.progress, labels, cells, run.estimator.name) as bar:
+            for spec, grid in zip(specs, grids, strict=True):
+                values, evaluate, clean_base, corrupted_base = run_grid(
+                    run, grid, spec.label, progress=bar
+                )
+                arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
         return arrays
 
 

@@ -17,6 +17,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from patchspec.errors import InputError
+from patchspec.toy import quiet_loading
 
 SPECIALS = ("<bos>", "<pad>", "<unk>")
 Architecture = Literal["gpt2", "qwen2"]
@@ -101,13 +102,14 @@ def tiny_model(
     else:
         raise InputError(f"architecture must be 'gpt2' or 'qwen2', got {architecture!r}")
     folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="patchspec-tiny-"))
-    hf.save_pretrained(folder)  # type: ignore[operator]
-    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    # AutoTokenizer would pick the architecture's own tokenizer class; load ours explicitly.
-    model = TransformerBridge.boot_transformers(
-        str(folder), device=device, dtype=dtype, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
-    )
+    with quiet_loading():  # no "Writing model shards" / "Loading weights" bars
+        hf.save_pretrained(folder)  # type: ignore[operator]
+        tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
+        # AutoTokenizer would pick the architecture's own tokenizer class; load ours explicitly.
+        model = TransformerBridge.boot_transformers(
+            str(folder), device=device, dtype=dtype, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
+        )
     model.eval()
     return model

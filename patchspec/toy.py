@@ -58,8 +58,10 @@ _MAX_LENGTH = 32  # 2 * length tokens must fit the model's 64 positions
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide the HuggingFace "Loading weights" progress bar while booting, then restore it."""
+def quiet_loading() -> Iterator[None]:
+    """Hide Hugging Face's "Loading weights" / "Writing model shards" bars while saving or
+    booting a model, then restore them (``patchspec.tiny``, ``patchspec.toy`` and the command
+    line load models inside it)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - transformers is a TransformerLens dependency
@@ -72,6 +74,9 @@ def _quiet_loading() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+_quiet_loading = quiet_loading  # the name it had
 
 
 def toy_model(device: str | torch.device | None = None) -> TransformerBridge:
@@ -97,7 +102,7 @@ def toy_model(device: str | torch.device | None = None) -> TransformerBridge:
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    with _quiet_loading():
+    with quiet_loading():
         model = TransformerBridge.boot_transformers(str(TOY_MODEL_DIR), device=device)
     model.eval()
     return model

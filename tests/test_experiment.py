@@ -297,6 +297,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     (folder / "model").mkdir(parents=True)
     (elsewhere / "model").mkdir(parents=True)  # a decoy with the same name
     (elsewhere / "other").mkdir()
+    for model in (folder / "model", elsewhere / "model"):
+        (model / "config.json").write_text("{}")
     monkeypatch.chdir(elsewhere)
     path = folder / "exp.toml"
     path.write_text(GOOD.replace('path = "toy"', 'path = "model"'))

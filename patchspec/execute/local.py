@@ -1,4 +1,4 @@
-"""The local executor: runs chunks one after another in this process, with a progress bar.
+"""The local executor: runs chunks one after another in this process, reporting to the run's bar.
 
 A chunk that runs out of memory is split in two and retried, and every later chunk is kept
 to the smaller size.
@@ -6,15 +6,15 @@ to the smaller size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
 import torch
-from tqdm.auto import tqdm
 
-from patchspec.execute.protocols import Chunk, Estimator, Task
+from patchspec.execute.protocols import Chunk, Estimator, Progress, Task
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,13 @@ class LocalExecutor:
         where = {int(c): i for i, c in enumerate(task.cells)}
         parts: list[tuple[Chunk, torch.Tensor]] = []
         limit = max((len(c) for c in chunks), default=1)
-        desc = f"patching {task.label} ({estimator.name})".replace("  ", " ")
-        with tqdm(total=len(task.cells), desc=desc, unit="cell", disable=not progress) as bar:
+        bar: contextlib.AbstractContextManager[Progress]
+        if task.progress is not None:  # the run's one bar, over every spec
+            bar = contextlib.nullcontext(task.progress)
+        else:  # called on its own: a bar for this task
+            desc = f"patching {task.label} ({estimator.name})".replace("  ", " ")
+            bar = Progress.open(progress, total=len(task.cells), desc=desc)
+        with bar as shown:
             pending = list(chunks)
             while pending:
                 chunk = pending.pop(0)
@@ -65,7 +70,7 @@ class LocalExecutor:
                     pending[:0] = chunk.split()
                     continue
                 parts.append((chunk, values))
-                bar.update(len(chunk))
+                shown.update(len(chunk))
         if not parts:
             return torch.empty(0)
         order = torch.as_tensor(

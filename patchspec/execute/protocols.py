@@ -3,7 +3,8 @@
 An :class:`Estimator` turns chunks of a grid's cells into metric values: the exact batched
 engine, the exact reference (an independent oracle), and later estimates such as attribution
 patching. An :class:`Executor` decides where and in what order the chunks run: locally, or on
-a cluster. A :class:`Task` is everything one sweep of one spec gives them. A new method is one
+a cluster. A :class:`Task` is everything one sweep of one spec gives them, and its
+:class:`Progress` is the one bar of the whole run that executors report finished cells to. A new method is one
 estimator; a new place to run is one executor; both are registered by name in
 :mod:`patchspec.execute.registry` (or passed as objects to ``spec.run``).
 """
@@ -45,6 +46,64 @@ class Chunk:
         return attrs.evolve(self, cells=self.cells[:half]), attrs.evolve(self, cells=self.cells[half:])
 
 
+@attrs.define(eq=False)
+class Progress:
+    """The one progress bar of a run, over every cell of every spec (a Sweep of 7 specs shows
+    one bar); executors report finished cells with :meth:`update`.
+
+    Attributes:
+        bar: The ``tqdm`` bar, or ``None`` when the run shows none.
+
+    Example:
+        >>> import io
+        >>> out = io.StringIO()
+        >>> with Progress.open(True, total=4, desc="patching 2 specs", file=out) as progress:
+        ...     progress.spec("resid_pre")
+        ...     progress.update(4)
+        >>> "patching 2 specs" in out.getvalue() and "4/4" in out.getvalue()
+        True
+        >>> Progress.open(False, total=4, desc="quiet").enabled
+        False
+    """
+
+    bar: Any = None
+
+    @classmethod
+    def open(cls, show: bool, *, total: int, desc: str, file: Any = None) -> Progress:
+        """A bar of ``total`` cells, or a silent :class:`Progress` when ``show`` is false."""
+        if not show:
+            return cls()
+        from tqdm.auto import tqdm
+
+        return cls(tqdm(total=total, desc=desc, unit="cell", file=file, dynamic_ncols=True))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a bar is shown."""
+        return self.bar is not None
+
+    def update(self, cells: int) -> None:
+        """Count ``cells`` more cells as done."""
+        if self.bar is not None:
+            self.bar.update(cells)
+
+    def spec(self, label: str) -> None:
+        """Show which spec is being run (the bar's postfix)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+
+    def close(self) -> None:
+        """Finish the bar (leaves its last state on screen)."""
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
 @attrs.frozen(eq=False)
 class Task:
     """One spec's sweep, as an estimator sees it.
@@ -57,6 +116,8 @@ class Task:
         evaluate: The metric evaluator (see :class:`patchspec.metrics.Evaluator`).
         label: The spec's label, for progress and errors.
         memo: Scratch space an estimator may keep per task (e.g. source values).
+        progress: The run's progress bar (shared by every task of the run), or ``None``: the
+            executor then shows its own bar when asked to.
     """
 
     grid: Grid
@@ -66,6 +127,7 @@ class Task:
     evaluate: Evaluator
     label: str = ""
     memo: dict[Any, Any] = attrs.field(factory=dict)
+    progress: Progress | None = None
 
 
 @runtime_checkable
@@ -114,5 +176,9 @@ class Executor(Protocol):
     def run(
         self, estimator: Estimator, task: Task, chunks: Sequence[Chunk], *, progress: bool
     ) -> torch.Tensor:
-        """The values of every cell of ``task.cells``, in that order, stacked on a leading dim."""
+        """The values of every cell of ``task.cells``, in that order, stacked on a leading dim.
+
+        Report finished cells to ``task.progress`` when it is set (the run's one bar; then
+        ``progress`` says whether it is shown), else show a bar of your own if ``progress``.
+        """
         ...
