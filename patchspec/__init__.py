@@ -1,9 +1,9 @@
 """patchspec: declarative, labelled, fast activation patching for TransformerLens models.
 
 Names are imported on first use (``patchspec.PatchSpec`` imports :mod:`patchspec.spec` and so
-torch), so ``import patchspec`` and ``patchspec --help`` stay fast. The first use of any name also
-registers the ``.patch`` accessor of results (:mod:`patchspec.accessor`); producing results
-(``spec.run``, ``patchspec.load``) registers it too.
+torch), so ``import patchspec`` and ``patchspec --help`` stay fast. The ``.patch`` accessor of
+results (:mod:`patchspec.accessor`) is registered on every ``xarray.DataArray`` and ``Dataset``
+as soon as both patchspec and xarray are imported, in either order.
 
 Example:
     >>> import patchspec
@@ -14,6 +14,9 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING, Any
@@ -125,6 +128,33 @@ __all__ = [
     "spec_from_dict",
     "stats",
 ]
+
+
+class _AccessorOnXarray(importlib.abc.MetaPathFinder):
+    """Registers the ``.patch`` accessor right after xarray is first imported (once)."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "xarray":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            importlib.import_module("patchspec.accessor")
+
+        loader.exec_module = exec_module
+        return spec
+
+
+if "xarray" in sys.modules:
+    importlib.import_module("patchspec.accessor")
+elif not any(isinstance(f, _AccessorOnXarray) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AccessorOnXarray())
 
 
 def __getattr__(name: str) -> Any:

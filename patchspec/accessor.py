@@ -53,7 +53,9 @@ import xarray as xr
 
 from patchspec import stats
 from patchspec.errors import InputError, did_you_mean
-from patchspec.results import BASELINE_KEYS
+
+#: Baselines stored in attrs, and for per-prompt metrics also as coordinates along ``example``.
+BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

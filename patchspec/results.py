@@ -19,12 +19,10 @@ import numpy as np
 import torch
 import xarray as xr
 
+from patchspec.accessor import BASELINE_KEYS  # re-exported: defined where no torch is needed
 from patchspec.errors import SpecError
 from patchspec.layouts import POSITION_DIMS
 from patchspec.plan.grid import Grid, check_labels
-
-#: Baselines stored in attrs, and for per-prompt metrics also as coordinates along ``example``.
-BASELINE_KEYS = ("clean_baseline", "corrupted_baseline")
 
 
 @functools.cache

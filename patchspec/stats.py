@@ -32,14 +32,15 @@ import hashlib
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import scipy.stats
-import torch
 import xarray as xr
 
 from patchspec.errors import InputError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
 
 Alternative = Literal["two-sided", "greater", "less"]
 Statistic = Literal["mean", "median"]
@@ -77,6 +78,8 @@ def derive_generator(seed: int, *labels: object) -> torch.Generator:
     """
     key = ":".join([str(seed), *(str(label) for label in labels)]).encode()
     derived = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & 0x7FFFFFFFFFFFFFFF
+    import torch  # imported on use: the accessor (and so `import patchspec`) needs no torch
+
     return torch.Generator(device="cpu").manual_seed(derived)
 
 
@@ -129,6 +132,8 @@ def _bootstrap(
     values: np.ndarray, *, statistic: str, confidence: float, n_resamples: int, seed: int
 ) -> np.ndarray:
     """``values[..., n]`` -> ``[..., 2]`` (low, high)."""
+    import torch
+
     n = values.shape[-1]
     gen = derive_generator(seed, "bootstrap", statistic)
     reduce = np.mean if statistic == "mean" else np.median
@@ -211,6 +216,8 @@ def _signs(n: int, n_permutations: int, seed: int) -> tuple[np.ndarray, bool]:
     """Sign patterns ``[patterns, n]`` and whether they are all ``2**n`` of them."""
     if n <= EXACT_MAX_N:
         return np.array(list(itertools.product((1.0, -1.0), repeat=n))), True
+    import torch
+
     gen = derive_generator(seed, "permutation")
     chunks = [
         torch.randint(0, 2, (min(CHUNK, n_permutations - start), n), generator=gen).numpy()
@@ -269,6 +276,8 @@ def _adjust_family(p: np.ndarray, method: str) -> np.ndarray:
     if m == 0:
         return out
     if method in ("bh", "by"):
+        import scipy.stats
+
         adjusted = scipy.stats.false_discovery_control(x, method=method)
     elif method == "bonferroni":
         adjusted = np.minimum(1.0, x * m)

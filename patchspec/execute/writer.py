@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import einops
 import torch
 
 from patchspec.execute.hooks import READ, Hook, phased
@@ -46,7 +47,8 @@ def write_hooks(
         return cast[act.dtype]
 
     def write(act: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, new, act.unflatten(0, (copies, -1))).flatten(0, 1)
+        stacked = einops.rearrange(act, "(copy batch) ... -> copy batch ...", copy=copies)
+        return einops.rearrange(torch.where(mask, new, stacked), "copy batch ... -> (copy batch) ...")
 
     if writer == "resid_mid":
         pre_name, attn_out_name = points
@@ -57,7 +59,9 @@ def write_hooks(
 
         def write_attn_out(act: torch.Tensor, hook: object) -> torch.Tensor:
             # resid_mid = resid_pre + attn_out, so this attn_out makes resid_mid == values here.
-            resid_pre = seen.pop("resid_pre").unflatten(0, (copies, -1))
+            resid_pre = einops.rearrange(
+                seen.pop("resid_pre"), "(copy batch) ... -> copy batch ...", copy=copies
+            )
             return write(act, target(act) - resid_pre)
 
         return [
