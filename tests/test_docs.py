@@ -55,12 +55,28 @@ def test_readme_test_command_is_what_ci_runs():
     assert "scripts/demo" in readme
 
 
-def test_readme_example_runs(capsys):
-    """The README's ten-line example runs and prints labelled results."""
+def test_readme_example_runs(monkeypatch, tmp_path):
+    """The README's ten-line example computes and draws what its picture shows."""
+    monkeypatch.chdir(tmp_path)
     namespace = run_python_blocks("README.md")
-    assert namespace["result"].dims == ("layer", "head")
-    assert "pos_token" in namespace["by_pos"].coords
-    assert "head" in capsys.readouterr().out
+    assert namespace["result"].dims == ("layer", "pos", "head")
+    assert namespace["heads"] == catalog.HEAD_OUT_BY_POS
+    assert (tmp_path / "head_out_by_pos.png").exists()
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/images/demo_head_out_by_pos.png" in readme and "docs/tutorial.md" in readme
+    assert readme.index("docs/tutorial.md") < readme.index("docs/concepts.md")  # listed first
+
+
+def test_readme_install_names_the_extras_that_exist():
+    """Every extra of pyproject.toml is in the README's install section, and no other."""
+    import re
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install") : readme.index("## Quick start")]
+    named = set(re.findall(r'patchspec\[(\w+)\]|"\.\[(\w+)\]"', install))
+    assert {a or b for a, b in named} == extras
 
 
 def test_architecture_page_runs_and_names_every_module():
