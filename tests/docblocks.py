@@ -45,31 +45,29 @@ class Block:
 
 def pages() -> list[str]:
     """README.md and every docs/*.md page, relative to the repository root."""
-    return ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    return ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
 def python_blocks(relative: str) -> list[Block]:
     """The python blocks of ``ROOT / relative``, each paired with the output block after it."""
     text = (ROOT / relative).read_text()
     fences = list(_FENCE.finditer(text))
+
+    def follows_python(i: int) -> bool:  # fence i comes right after a python fence
+        return i > 0 and fences[i - 1].group(1) == "python" and (
+            text[fences[i - 1].end() : fences[i].start()].strip() == ""
+        )
+
     blocks = []
     for i, fence in enumerate(fences):
+        if fence.group(1) == "output":
+            assert follows_python(i), f"{relative}: an output block must directly follow a python block"
         if fence.group(1) != "python":
             continue
-        output = None
-        after = fences[i + 1] if i + 1 < len(fences) else None
-        if after is not None and after.group(1) == "output":
-            if text[fence.end() : after.start()].strip() == "":
-                output = after.group(2)
+        after = i + 1 < len(fences) and fences[i + 1].group(1) == "output" and follows_python(i + 1)
+        output = fences[i + 1].group(2) if after else None
         line = text.count("\n", 0, fence.start()) + 2  # the first line of code
         blocks.append(Block(relative, line, fence.group(2), output))
-    stray = [
-        f for i, f in enumerate(fences) if f.group(1) == "output" and (
-            i == 0 or fences[i - 1].group(1) != "python"
-            or text[fences[i - 1].end() : f.start()].strip() != ""
-        )
-    ]
-    assert not stray, f"{relative}: an output block must directly follow a python block"
     return blocks
 
 
