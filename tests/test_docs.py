@@ -90,3 +90,25 @@ def test_architecture_page_runs_and_names_every_module():
             continue  # package re-exports, and the old import paths kept for compatibility
         name = str(path.relative_to(package).with_suffix(""))
         assert f"`{name}`" in text or f"`{name.rsplit('/', 1)[-1]}`" in text, name
+
+
+def test_block_runner_isolates_blocks_and_catches_stale_outputs(tmp_path):
+    """A block cannot see another's names, and a printed output that changed fails, naming the line."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nx = 2\nprint(x * 21)\n```\n\n```output\n42\n```\n\n"
+        "```python\nprint(x)\n```\n\n"
+        "```python\nprint('a', [1, 2, 3])\n```\n\n```output\na ...\n```\n"
+    )
+    first, second, third = python_blocks(str(page))
+    assert (first.line, first.output) == (2, "42\n")
+    run_block(first)
+    run_block(third)  # `...` matches anything
+    with pytest.raises(NameError, match="'x' is not defined"):
+        run_block(second)
+    page.write_text(page.read_text().replace("42", "43"))
+    with pytest.raises(AssertionError, match=r"page\.md:2 prints\n42\n\nbut the page shows\n43"):
+        run_block(python_blocks(str(page))[0])
+    page.write_text("text\n\n```output\n42\n```\n")
+    with pytest.raises(AssertionError, match="must directly follow a python block"):
+        python_blocks(str(page))
