@@ -526,7 +526,7 @@ def _dims_of(result: xr.DataArray | xr.Dataset) -> set[str]:
 
 def _ticks(ax: Any, axis: str, panel: xr.DataArray, dim: str, inches: float = 6.0) -> None:
     labels = tick_labels(panel, dim)
-    room = max(2, int(inches * TICKS_PER_INCH), 1)
+    room = max(2, int(0.7 * inches * TICKS_PER_INCH))  # less the tick labels and margins
     step = max(1, math.ceil(len(labels) / min(room, MAX_TICKS)))
     ticks = list(range(0, len(labels), step))
     shown = [labels[i] for i in ticks]
