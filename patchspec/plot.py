@@ -256,7 +256,8 @@ def _prepare(result: xr.DataArray | xr.Dataset, reduce: str | None) -> tuple[xr.
     data = _as_array(result)
     note = ""
     if reduce is not None and reduce in data.dims:
-        note = f" (mean over {data.sizes[reduce]} {reduce}s)"
+        if data.sizes[reduce] > 1:
+            note = f" (mean over {data.sizes[reduce]} {reduce}s)"
         data = data.mean(reduce, keep_attrs=True)
     return data, note
 
