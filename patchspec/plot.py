@@ -558,9 +558,9 @@ def plot_intervals(
 ) -> Figure:
     """Draw intervals (a ``bound`` dim with ``low``/``high``, e.g. :meth:`bootstrap_ci`) as bars.
 
-    One vertical bar per cell along ``x`` from ``low`` to ``high``; a further dim (``hue``,
-    default ``layer`` or the next one) gives side-by-side bars in different colours, and up to
-    two more become facet columns and rows. A dashed line marks 0 (no effect); a bar that does
+    One vertical bar per cell along ``x`` from ``low`` to ``high`` (dashes at the ends); a
+    further dim (``hue``, default ``layer`` or the next one) gives side-by-side bars in different
+    colours, and up to two more become facet columns and rows. A dashed line marks 0 (no effect); a bar that does
     not cross it is drawn solid, one that does is drawn faint. ``estimate`` (e.g. the mean
     normalised values) adds a dot per bar.
 
@@ -587,8 +587,8 @@ def plot_intervals(
         >>> ci = xr.DataArray([[-0.1, 0.2], [0.5, 0.9]], dims=("layer", "bound"),
         ...                   coords={"bound": ["low", "high"]}, name="m")
         >>> fig = plot_intervals(ci)
-        >>> len(fig.axes[0].collections)
-        1
+        >>> [len(bars.get_segments()) for bars in fig.axes[0].collections]  # 2 bars, 1 crosses 0
+        [2, 1]
     """
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -649,6 +649,8 @@ def plot_intervals(
                 target.vlines(
                     where_x[crosses], lo[crosses], hi[crosses], colors="white", linewidth=1.0
                 )
+            # Ends as dashes, so an interval that collapsed to a point still shows.
+            target.plot(where_x, lo, "_", where_x, hi, "_", color=colour, markersize=6)
             if centre is not None:
                 point = centre.isel(pick).transpose(x_dim).values
                 target.plot(where_x, point, "o", color=colour, markersize=3)
