@@ -242,7 +242,10 @@ def tick_labels(data: xr.DataArray, dim: str) -> list[str]:
         return [_short(str(v)) for v in values]
     out = []
     for value, label in zip(values, data[tokens_name].values, strict=True):
-        tokens = distinct_tokens(str(label))
+        if not isinstance(label, str) or not label:  # no token recorded (e.g. an outer join)
+            out.append(_short(str(value)))
+            continue
+        tokens = distinct_tokens(label)
         if len(tokens) == 1:
             out.append(f"{value}: {_short(tokens[0])}")
         elif isinstance(value, str):

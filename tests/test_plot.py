@@ -226,6 +226,12 @@ def test_label_policy_token_where_prompts_agree_else_index_or_name():
     )
     assert tick_labels(named, "pos") == ["S1", "IO: Mary", "END: ."]
     assert distinct_tokens("fox|owl") == ["fox", "owl"] and distinct_tokens("|") == ["|"]
+    missing = xr.DataArray(
+        np.zeros(2),
+        dims="pos",
+        coords={"pos": [3, 4], "pos_token": ("pos", np.array(["a", np.nan], dtype=object))},
+    )
+    assert tick_labels(missing, "pos") == ["3: a", "4"]  # no token recorded: the index alone
     no_tokens = xr.DataArray(np.zeros(2), dims="head")
     assert tick_labels(no_tokens, "head") == ["0", "1"]
 
@@ -355,3 +361,16 @@ def test_sizes_stay_readable(n_layers, n_pos):
     assert label.get_text() == "normalized effect"
     inside = label.get_window_extent().y0 >= 0 and label.get_window_extent().y1 <= fig.bbox.height
     assert inside
+
+
+def test_labels_and_titles_survive_save_and_load(result, tmp_path):
+    """A saved and loaded result draws the same tick labels and title (pos_token round-trips)."""
+    from patchspec import io
+
+    normalized = result.patch.normalized()
+    io.save(normalized, tmp_path / "r.nc")
+    loaded = io.load(tmp_path / "r.nc")
+    before, after = plot(normalized), plot(loaded)
+    assert texts(images(after)[0].get_xticklabels()) == texts(images(before)[0].get_xticklabels())
+    assert after.get_suptitle() == before.get_suptitle()
+    assert loaded.pos_token.values.tolist() == normalized.pos_token.values.tolist()
