@@ -5,6 +5,13 @@ opens a window or touches ``pyplot`` state, so it is safe in scripts, tests and 
 notebook shows the returned figure. :func:`plot_interactive` draws the same layout with plotly
 when plotly is installed (it is not a dependency).
 
+Position tick labels follow one policy (:func:`tick_labels`): the token where every prompt has
+the same one, else the index (``"8: *"``) or the position's name; the full set of tokens stays
+in the result's ``<dim>_token`` coordinate. Every panel shares one colour scale, symmetric around
+0 and ``[-1, 1]`` for normalised values. The panels are laid out here rather than by xarray's
+``FacetGrid``, which draws through ``pyplot`` (global figure state) and cannot draw into a
+caller's ``ax=``/``fig=``.
+
 Which dim goes where is decided from the names: a position dim (``pos``, ``src_pos`` ...) runs
 along x with its ``<dim>_token`` strings as tick labels, a second position dim or ``layer`` runs
 down y, and up to two further dims (``head``, ``spec``, ``metric``, ``source`` ...) become facet
@@ -307,7 +314,7 @@ def _headline(data: xr.DataArray, note: str) -> str:
     ``"head_out_by_pos · logprob · normalized (mean over 16 examples)"`` then a line with
     :func:`describe` (direction and formula).
     """
-    what = [data.attrs.get("spec_name"), data.attrs.get("sweep_name"), data.name]
+    what = [data.attrs.get("spec_name") or data.attrs.get("sweep"), data.name]
     metric = data.attrs.get("metric")
     quantity = data.attrs.get("quantity")
     shown = {"normalized": "normalized", "effect": "effect", "pvalue": "p-value"}.get(
