@@ -71,6 +71,7 @@ def derive_generator(seed: int, *labels: object) -> torch.Generator:
         A seeded ``torch.Generator`` on the CPU.
 
     Example:
+        >>> import torch
         >>> a = torch.randint(0, 9, (3,), generator=derive_generator(0, "bootstrap"))
         >>> b = torch.randint(0, 9, (3,), generator=derive_generator(0, "bootstrap"))
         >>> bool((a == b).all())

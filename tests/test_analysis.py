@@ -22,7 +22,6 @@ from patchspec import stats
 from patchspec.catalog import ATTN_OUT, RESID_PRE
 from patchspec.errors import InputError
 from tests.conftest import logit_diff_metric, per_example_metric
-from tests.docblocks import run_python_blocks
 from tests.models import prompts
 
 
@@ -331,15 +330,6 @@ def test_several_metrics_normalize_each_with_its_own_baselines(gpt2):
         r.patch.top(3)
     assert norm.patch.top(3).dims == ("rank",)
     assert r.sel(metric="neg").patch.top(1).attrs["quantity"] == "effect"
-
-
-def test_analysis_guide_examples_run(monkeypatch, tmp_path):
-    """Every python block of docs/analysis.md runs, in order, in one namespace."""
-    monkeypatch.chdir(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        namespace = run_python_blocks("docs/analysis.md", at_least=8)
-    xr.testing.assert_identical(namespace["loaded"], namespace["result"])
 
 
 def test_sweep_of_specs_with_different_baselines_keeps_each_its_own(gpt2):

@@ -32,7 +32,6 @@ from patchspec import (
 from patchspec.execute.registry import ESTIMATORS
 from patchspec.sources import Source, source_from_dict
 from tests.conftest import per_example_metric
-from tests.docblocks import run_python_blocks
 from tests.models import prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -473,14 +472,6 @@ def test_custom_rules_over_activation_dims(model, data, engine):
 
 
 # --- the guide and the example ---------------------------------------------------------------------
-
-
-def test_custom_patch_types_guide_runs(monkeypatch, tmp_path):
-    """Every python block of docs/custom_patch_types.md runs, in order, in one namespace."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(patchspec.sources, "SOURCES", dict(patchspec.sources.SOURCES))
-    namespace = run_python_blocks("docs/custom_patch_types.md", at_least=10)
-    assert list(namespace["by_name"].pos.values) == ["IO", "S1", "S2", "END"]
 
 
 def test_custom_patch_type_example_runs(capsys):
