@@ -185,12 +185,7 @@ def write_outputs(ds: xr.Dataset, folder: Path, *, plots: bool) -> list[Path]:
             png = folder / f"{name}.png"
             effect = result.patch.normalized()
             try:
-                plot(
-                    effect.rename("normalised effect"),
-                    path=png,
-                    title=f"{name}: {formula(effect)}",
-                    col_wrap=2,
-                )
+                plot(effect, path=png)  # its title says spec, metric, direction and formula
             except OSError as err:
                 raise InputError(f"cannot write {str(png)!r}: {err}") from None
             written.append(png)
