@@ -41,6 +41,7 @@ from patchspec import runner
 from patchspec.catalog import STACKS, TABLE, Entry, Stack
 from patchspec.errors import PatchSpecError, SpecError
 from patchspec.layouts import layout
+from patchspec.metrics import Metric
 from patchspec.model.adapter import ModelAdapter
 from patchspec.options import RunOptions
 from patchspec.plan.cells import Cell, Region, normalise_int
@@ -270,6 +271,15 @@ def generic_activation_patch(
     )
     if not metrics:
         raise PatchSpecError("patching_metric mapping must contain at least one metric")
+    for name, fn in metrics.items():
+        if isinstance(fn, Metric) or not callable(fn):
+            what = "a patchspec Metric" if isinstance(fn, Metric) else type(fn).__name__
+            raise PatchSpecError(
+                f"patching_metric {name!r} is {what}; the drop-in functions take what "
+                "TransformerLens takes, a callable logits -> value (e.g. lambda logits: "
+                "(logits[:, -1, a] - logits[:, -1, b]).mean()). To use patchspec metrics, run "
+                "the catalogue spec instead: catalog.<SPEC>.run(model, clean, corrupted, metric)"
+            )
     want_result = isinstance(patching_metric, Mapping) or reduce == "none" or baseline
     if want_result and return_index_df:
         raise PatchSpecError(

@@ -167,7 +167,8 @@ hash_weights = true
 
 
 def test_plot_titles_name_the_formula_the_effect_states(tmp_path, monkeypatch):
-    """The heatmap title is the normalised effect's own formula (attrs["formula"])."""
+    """The heatmap is drawn from the normalised effect itself, so its title is the plot's own
+    (which states attrs["formula"]); the CLI overrides neither title nor name."""
     import patchspec.plot
     from patchspec.accessor import PatchAccessor
 
@@ -176,10 +177,12 @@ def test_plot_titles_name_the_formula_the_effect_states(tmp_path, monkeypatch):
 
     titles = []
     monkeypatch.setattr(PatchAccessor, "normalized", noising)
-    monkeypatch.setattr(patchspec.plot, "plot", lambda data, **kw: titles.append(kw["title"]))
+    monkeypatch.setattr(
+        patchspec.plot, "plot", lambda data, **kw: titles.append((data.name, data.attrs["formula"], kw))
+    )
     ds = xr.Dataset({"heads": ("layer", [1.0, 2.0])})
     write_outputs(ds, tmp_path, plots=True)
-    assert titles == ["heads: (clean - patched) / (clean - corrupted)"]
+    assert titles == [("heads", "(clean - patched) / (clean - corrupted)", {"path": tmp_path / "heads.png"})]
     with pytest.raises(
         InputError, match=r"result 'a/b' contains a '/' and cannot name an output file"
     ):

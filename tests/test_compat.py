@@ -9,6 +9,7 @@ import transformer_lens.patching as tl
 
 import patchspec.compat as compat
 from patchspec import PatchSpecError, catalog
+from patchspec import metrics as ps_metrics
 from tests.conftest import logit_diff_metric, per_example_metric
 
 pytestmark = pytest.mark.slow
@@ -148,3 +149,7 @@ def test_bad_reduce_and_metric_shape(setup):
         compat.get_act_patch_resid_pre(model, corrupted, cache, logit_diff_metric, reduce="sum")
     with pytest.raises(PatchSpecError, match=r"must return a scalar under reduce='scalar', got shape \(2,\)"):
         compat.get_act_patch_resid_pre(model, corrupted, cache, per_example_metric, progress=False)
+    with pytest.raises(PatchSpecError, match=r"patching_metric 'metric' is a patchspec Metric; .* catalog"):
+        compat.get_act_patch_resid_pre(model, corrupted, cache, ps_metrics.logit_diff(5, 7))
+    with pytest.raises(PatchSpecError, match=r"patching_metric 'ld' is int"):
+        compat.get_act_patch_resid_pre(model, corrupted, cache, {"ld": 3})
