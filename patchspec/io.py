@@ -488,7 +488,7 @@ def _netcdf_engine() -> Literal["h5netcdf", "netcdf4"]:
 def _check_zarr() -> None:
     if find_spec("zarr") is None:
         raise InputError(
-            "saving to zarr needs the zarr package; pip install zarr, or use a .nc path"
+            "saving to zarr needs the zarr package: pip install 'patchspec[zarr]', or use a .nc path"
         )
 
 

@@ -975,7 +975,7 @@ class Sweep:
                 a ``metric`` dim (coordinates: the names).
             engine: The estimator: ``"batched"`` (default) or ``"reference"`` (one forward per
                 cell), a registered name, or an :class:`~patchspec.execute.Estimator`.
-            progress: Show a progress bar (default: for sweeps of 64 cells or more).
+            progress: Show a progress bar (default: one bar over the whole run, on a terminal or in a notebook, for 64 cells or more).
             positions: Named token positions, one index per prompt: ``{"S2": [3, 4], "END":
                 -1}`` or a DataFrame with a column per name (a pair ``(clean, corrupted)`` when
                 they differ between the runs). Position restrictions may then use the names,
