@@ -62,6 +62,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _plain_integers(value: Any, refusal: str) -> Any:
+    """numpy and torch integer arrays and scalars as Python ints (lists of them); other values
+    unchanged. ``refusal`` starts the error for arrays of another dtype."""
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind not in "iu":
+            raise MetricError(f"{refusal}, got dtype {value.dtype}")
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.dtype.is_floating_point or value.dtype.is_complex:
+            raise MetricError(f"{refusal}, got dtype {value.dtype}")
+        return value.tolist()
+    return value
+
+
 def pos_entry(pos: Any, what: str = "pos") -> PosEntry:
     """One metric position normalised: an int, a name, or a tuple of one per prompt.
 
@@ -75,14 +89,7 @@ def pos_entry(pos: Any, what: str = "pos") -> PosEntry:
     Raises:
         MetricError: anything else (a float, a bool, an empty name or list).
     """
-    if isinstance(pos, np.ndarray | np.generic):
-        if pos.dtype.kind not in "iu":
-            raise MetricError(f"{what} must hold integer positions, got dtype {pos.dtype}")
-        pos = pos.tolist()
-    elif isinstance(pos, torch.Tensor):
-        if pos.dtype == torch.bool or pos.dtype.is_floating_point or pos.dtype.is_complex:
-            raise MetricError(f"{what} must hold integer positions, got dtype {pos.dtype}")
-        pos = pos.tolist()
+    pos = _plain_integers(pos, f"{what} must hold integer positions")
     if _is_int(pos):
         return int(pos)
     if isinstance(pos, str):
@@ -499,14 +506,9 @@ def token_entry(tokens: Any, what: str) -> TokenEntry:
             raise MetricError(f"{what} token id {int(t)} is negative; token ids are 0..d_vocab-1")
         return int(t)
 
-    if isinstance(tokens, np.ndarray | np.generic):
-        if tokens.dtype.kind not in "iu":
-            raise MetricError(f"{what} token ids must be integers, got dtype {tokens.dtype}")
-        tokens = tokens.tolist()
-    elif isinstance(tokens, torch.Tensor):
-        if tokens.dtype == torch.bool or tokens.dtype.is_floating_point or tokens.dtype.is_complex:
-            raise MetricError(f"{what} token ids must be integers, got dtype {tokens.dtype}")
-        tokens = tokens.flatten().tolist() if tokens.ndim else tokens.item()
+    if isinstance(tokens, torch.Tensor) and tokens.ndim > 1:
+        tokens = tokens.flatten()
+    tokens = _plain_integers(tokens, f"{what} token ids must be integers")
     if isinstance(tokens, list | tuple):
         if not tokens:
             raise MetricError(f"{what}=[] gives no tokens; give one, or one per prompt")

@@ -33,7 +33,7 @@ from patchspec.execute.protocols import Estimator, Executor, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
-from patchspec.model.session import Session, metric_inputs, prompt_texts
+from patchspec.model.session import Session, metric_inputs
 from patchspec.options import RunOptions
 from patchspec.plan.conflicts import check_conflicts
 from patchspec.plan.grid import Grid, compile
@@ -180,7 +180,7 @@ def prepare(
     estimator = make_estimator(options.engine, options.batching)
     executor = executor_for(options.executor)
     session = Session(adapter, clean, corrupted, reference=reference, clean_cache=clean_cache)
-    texts = {"clean_prompt": prompt_texts(clean), "corrupted_prompt": prompt_texts(corrupted)}
+    texts = {f"{run}_prompt": session.texts(run) for run in ("clean", "corrupted")}
     named = _named_positions(session, positions)
     if not isinstance(positions, tuple | list):  # a pair of tables lines the two runs up
         session.warn_length_mismatches()

@@ -99,9 +99,6 @@ def pad_id(model: Any) -> int | None:
     return None if pad is None else int(pad)
 
 
-_pad_id = pad_id  # the old private name
-
-
 def pad_value(model: Any) -> int:
     """The id written at padding: the pad token, else the end token, else 0.
 
@@ -123,12 +120,6 @@ def _context_size(model: Any) -> int | None:
 def _vocab_size(model: Any) -> int | None:
     d_vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
     return int(d_vocab) if isinstance(d_vocab, numbers.Integral) and int(d_vocab) > 0 else None
-
-
-def _is_texts(prompts: Any) -> bool:
-    return isinstance(prompts, str) or (
-        isinstance(prompts, list | tuple) and bool(prompts) and all(isinstance(p, str) for p in prompts)
-    )
 
 
 def _tokenize(model: Any, text: str) -> list[int]:
@@ -347,7 +338,7 @@ def read_inputs(model: Any, prompts: Any, what: str) -> Inputs:
         >>> inputs.tokens.tolist(), inputs.lengths
         ([[0, 3, 4, 5], [0, 3, 1, 1]], (4, 2))
     """
-    if _is_texts(prompts):
+    if prompt_texts(prompts) is not None:
         inputs = _text_inputs(model, prompts, what)
     elif isinstance(prompts, Mapping | torch.Tensor | np.ndarray | list | tuple):
         inputs = _token_inputs(model, prompts, what)
@@ -464,9 +455,6 @@ class Session:
         self._inputs = {k: v.fit(width, pad) for k, v in inputs.items()}
         self.corrupted_tokens = self._inputs["corrupted"].tokens
         self.clean_tokens = self._inputs["clean"].tokens if "clean" in self._inputs else None
-        self._text: dict[Receiver, list[str]] = {
-            k: v.texts for k, v in self._inputs.items() if v.texts is not None
-        }
         self.hook_names = set(hook_names)
         self._caches: dict[Receiver, Mapping[str, torch.Tensor]] = {}
         self._logits: dict[Receiver, torch.Tensor] = {}
@@ -504,7 +492,8 @@ class Session:
 
     def texts(self, which: Receiver) -> list[str] | None:
         """The prompts of one run when they were given as text."""
-        return self._text.get(which)
+        inputs = self._inputs.get(which)
+        return None if inputs is None else inputs.texts
 
     def _run(self, which: Receiver) -> None:
         logits, cache, replay = self.adapter.run_recording(self.tokens(which), self.hook_names)
