@@ -31,6 +31,7 @@ import patchspec.accessor  # noqa: F401  (registers the .patch accessor of the r
 from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
+from patchspec.layouts import layout
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
 from patchspec.model.session import Session, metric_inputs
@@ -112,13 +113,22 @@ class Run:
         """
         self.adapter.check_hooks(grid.sites)
         check_conflicts(grid)
+        extra: list[tuple[str, int]] = []
+        for part in grid.parts:
+            sites = tuple((part.spec.activation, layer) for layer in part.layers)
+            for source in part.spec.sources:
+                source.check_sites(self.session, sites, self.sizes)
+                extra += source.extra_sites(sites)
+        if extra:
+            self.adapter.check_hooks(dict.fromkeys(extra))
         for source in dict.fromkeys(s for part in grid.parts for s in part.spec.sources):
             source.check(self.session)
         self.session.check_alignment(grid)
-        missing = set(grid.hook_names) - self.session.hook_names
+        reads = set(grid.hook_names) | {layout(a).hook_name(layer) for a, layer in extra}
+        missing = reads - self.session.hook_names
         if missing and "context" in self._context:
             raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")
-        self.session.hook_names.update(grid.hook_names)
+        self.session.hook_names.update(reads)
         return grid
 
     @property
@@ -168,6 +178,7 @@ def prepare(
     positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
     reference: Any = None,
     clean_cache: Mapping[str, torch.Tensor] | None = None,
+    tensors: Mapping[str, Any] | None = None,
 ) -> Run:
     """Validate everything that needs no forward pass and open the session (no pass yet).
 
@@ -179,7 +190,9 @@ def prepare(
     metric_list, metric_dim = as_metrics(metric)
     estimator = make_estimator(options.engine, options.batching)
     executor = executor_for(options.executor)
-    session = Session(adapter, clean, corrupted, reference=reference, clean_cache=clean_cache)
+    session = Session(
+        adapter, clean, corrupted, reference=reference, clean_cache=clean_cache, tensors=tensors
+    )
     texts = {f"{run}_prompt": session.texts(run) for run in ("clean", "corrupted")}
     named = _named_positions(session, positions)
     if not isinstance(positions, tuple | list):  # a pair of tables lines the two runs up
@@ -396,6 +409,11 @@ def label(
         "executor": run.executor.name,
         **run.provenance,
     }
+    keys = tuple(dict.fromkeys(k for s in spec.sources for k in s.tensor_keys()))
+    if keys:
+        from patchspec.interventions import tensor_record
+
+        attributes["tensors"] = {k: tensor_record(run.session.tensor(k)) for k in keys}
     if grid.positions is not None:
         attributes["positions"] = {
             "clean": {k: list(v) for k, v in grid.positions.clean.items()},
@@ -422,6 +440,7 @@ def run_specs(
     options: RunOptions,
     positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
     reference: Any = None,
+    tensors: Mapping[str, Any] | None = None,
 ) -> list[xr.DataArray]:
     """Sweep every spec on the same session; one labelled DataArray per spec.
 
@@ -433,7 +452,14 @@ def run_specs(
         raise InputError("clean prompts are required (give prompts or tokens, not None)")
     with ModelAdapter.of(model).exclusive():  # one sweep of a model at a time
         run = prepare(
-            model, clean, corrupted, metric, options=options, positions=positions, reference=reference
+            model,
+            clean,
+            corrupted,
+            metric,
+            options=options,
+            positions=positions,
+            reference=reference,
+            tensors=tensors,
         )
         grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
         check_shared_dims(specs, grids)

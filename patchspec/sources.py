@@ -69,6 +69,10 @@ class Runs(Protocol):
         """``compute()``, computed once per sweep for each hashable ``key``."""
         ...
 
+    def tensor(self, name: str) -> Any:
+        """The run-time tensor (or SAE) passed as ``run(..., tensors={name: ...})``."""
+        ...
+
 
 class Inputs(Protocol):
     """What a source may check before any forward pass (a :class:`~patchspec.model.session.Session`)."""
@@ -82,6 +86,16 @@ class Inputs(Protocol):
         """Raise unless the reference dataset ``name`` was given and fits the sweep's prompts."""
         ...
 
+    def tensor(self, name: str) -> Any:
+        """The run-time tensor passed as ``run(..., tensors={name: ...})`` (an InputError
+        naming the keys given when there is none of that name)."""
+        ...
+
+
+#: A write that depends on the receiving activation: ``(act, values) -> new act`` (see
+#: :meth:`Source.combine`); both broadcast against each other (``act`` may hold stacked copies).
+Combine = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
 
 @attrs.frozen
 class Source:
@@ -92,6 +106,30 @@ class Source:
     #: rather than being made from the receiving run (an ablation). Where parts of a joint
     #: patch overlap, interchanges are written last and win.
     interchange: ClassVar[bool] = False
+    #: Fields that a spec may sweep as an axis of the same name (``Subspace.strength``): each
+    #: coordinate is this source with that field set (see :meth:`PatchSpec.sources`).
+    sweepable: ClassVar[tuple[str, ...]] = ()
+
+    def combine(self, hook_name: str, runs: Runs) -> Combine | None:
+        """How patched values meet the receiving activation: ``None`` (the default) writes
+        :meth:`values` as they are; a function ``(act, values) -> new`` makes the written value
+        a function of the activation being patched (``h + s (h_src - h) P``), evaluated on the
+        activation as it arrives at the hook, inside the patched region only. Every engine
+        applies it the same way."""
+        return None
+
+    def tensor_keys(self) -> tuple[str, ...]:
+        """The run-time tensors (``run(..., tensors=...)`` keys) this source reads."""
+        return ()
+
+    def extra_sites(self, sites: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+        """``(activation, layer)`` sites read besides the patched ones (a source at another layer)."""
+        return ()
+
+    def check_sites(self, inputs: Inputs, sites: tuple[tuple[str, int], ...], sizes: Any) -> None:
+        """Raise an :class:`~patchspec.errors.InputError` now if this source cannot patch these
+        ``(activation, layer)`` sites of a model and input of these
+        :class:`~patchspec.plan.sizes.Sizes` (e.g. a basis of the wrong width)."""
 
     def check(self, inputs: Inputs) -> None:
         """Raise an :class:`~patchspec.errors.InputError` now if :meth:`values` would fail on

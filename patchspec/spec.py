@@ -302,6 +302,7 @@ class _Combinable:
         progress: bool | None = None,
         positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
         reference: Prompts | Mapping[str, Prompts] | None = None,
+        tensors: Mapping[str, Any] | None = None,
         executor: str | Executor | None = None,
         cells_per_batch: int | None = None,
         max_memory: str | int | float | None = None,
@@ -334,6 +335,7 @@ class _Combinable:
             options=options,
             positions=positions,
             reference=reference,
+            tensors=tensors,
         )
         return array
 
@@ -404,6 +406,9 @@ class PatchSpec(_Combinable):
             if axis == SOURCE_AXIS:
                 _check_sources(restricted.get(axis))
                 continue
+            if axis in getattr(self.source, "sweepable", ()) and axis not in lay.patch_dims:
+                _check_parameter_axis(self, axis, restricted.get(axis))
+                continue
             if axis in lay.patch_dims:
                 continue
             if self.rule is not None and axis in restricted and _explicit(restricted[axis]):
@@ -452,6 +457,12 @@ class PatchSpec(_Combinable):
             )
         if self.rule is not None and not callable(self.rule):
             raise SpecError(f"rule must be callable, got {type(self.rule).__name__}")
+        swept = [a for a in self.axes if a == SOURCE_AXIS or a in self.source.sweepable]
+        if len(swept) > 1:
+            raise SpecError(
+                f"spec on {self.activation!r} sweeps {swept[0]!r} and {swept[1]!r}, which both "
+                "choose the value source; sweep one of them (list several sources instead)"
+            )
         receivers = {source.receiver for source in self.sources}
         if len(receivers) > 1:
             raise SpecError(
@@ -491,7 +502,26 @@ class PatchSpec(_Combinable):
         if SOURCE_AXIS in self.axes:
             listed = self.restriction(SOURCE_AXIS)
             return listed if isinstance(listed, tuple) else (listed,)  # type: ignore[return-value]
+        axis = self.parameter_axis
+        if axis is not None:
+            return _with_parameter(self.source, axis, self.restriction(axis))
         return (self.source,)
+
+    @property
+    def parameter_axis(self) -> str | None:
+        """The swept axis that sets a field of the source (``strength`` of a
+        :class:`~patchspec.interventions.Subspace`), or ``None``.
+
+        Example:
+            >>> from patchspec.interventions import Add
+            >>> spec = PatchSpec("resid_pre", axes=("coef", "pos"), restrictions={"coef": [0, 1]},
+            ...                  source=Add("steer"))
+            >>> spec.parameter_axis, [s.coef for s in spec.sources]
+            ('coef', [0, 1])
+        """
+        sweepable = self.source.sweepable
+        lay = self.layout
+        return next((a for a in self.axes if a in sweepable and a not in lay.patch_dims), None)
 
     @property
     def receiver(self) -> Receiver:
@@ -623,6 +653,21 @@ def _check_int_selector(name: str, selector: Selector) -> None:
             f"restriction {name}={selector!r} mixes position names and ints; give names only "
             "(resolved per prompt) or ints only"
         )
+
+
+def _with_parameter(source: Source, axis: str, selector: Selector | None) -> tuple[Source, ...]:
+    """``source`` with its field ``axis`` set to each listed value (validated again)."""
+    values = selector if isinstance(selector, tuple) else (selector,)
+    return tuple(attrs.evolve(source, **{axis: value}) for value in values)  # type: ignore[misc]
+
+
+def _check_parameter_axis(spec: PatchSpec, axis: str, selector: Selector | None) -> None:
+    if selector is None or isinstance(selector, Slice):
+        raise SpecError(
+            f"axis {axis!r} sweeps the {axis!r} field of {spec.source.label} and needs its values "
+            f"listed, e.g. restrictions={{{axis!r}: [0.0, 0.5, 1.0]}}; got {selector!r}"
+        )
+    _with_parameter(spec.source, axis, selector)  # each value passes the source's validators
 
 
 def _check_sources(selector: Selector | None) -> None:
@@ -956,6 +1001,7 @@ class Sweep:
         progress: bool | None = None,
         positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
         reference: Prompts | Mapping[str, Prompts] | None = None,
+        tensors: Mapping[str, Any] | None = None,
         executor: str | Executor | None = None,
         cells_per_batch: int | None = None,
         max_memory: str | int | float | None = None,
@@ -983,6 +1029,11 @@ class Sweep:
                 :func:`patchspec.plan.resolve_positions`.
             reference: Prompts or tokens of a reference dataset for ``Mean(over="reference")``,
                 or ``{name: prompts}`` for ``Mean(over=name)``.
+            tensors: Run-time tensors that sources name by key, ``{name: tensor}``: the bases of
+                :class:`~patchspec.interventions.Subspace`, the directions of
+                :class:`~patchspec.interventions.Add`, the SAEs of
+                :class:`~patchspec.interventions.SAELatent`. They never enter the spec; results
+                record each one's shape and SHA-256 in ``attrs["tensors"]``.
             executor: Where chunks of cells run: ``"local"`` (default) or an
                 :class:`~patchspec.execute.Executor`.
             cells_per_batch: Cells per forward pass of the batched engine (default: from the
@@ -1020,6 +1071,7 @@ class Sweep:
             options=options,
             positions=positions,
             reference=reference,
+            tensors=tensors,
         )
         return runner.to_dataset(self, arrays)
 
@@ -1036,6 +1088,7 @@ def run(
     progress: bool | None = None,
     positions: PositionTable | tuple[PositionTable, PositionTable] | None = None,
     reference: Prompts | Mapping[str, Prompts] | None = None,
+    tensors: Mapping[str, Any] | None = None,
     executor: str | Executor | None = None,
     cells_per_batch: int | None = None,
     max_memory: str | int | float | None = None,
@@ -1054,6 +1107,7 @@ def run(
         progress=progress,
         positions=positions,
         reference=reference,
+        tensors=tensors,
         executor=executor,
         cells_per_batch=cells_per_batch,
         max_memory=max_memory,

@@ -39,7 +39,7 @@ from patchspec.model.adapter import ModelAdapter
 from patchspec.options import flag, optional_count, optional_memory
 from patchspec.plan.cells import Region, regions_of
 from patchspec.plan.grid import Grid
-from patchspec.sources import Source
+from patchspec.sources import Combine, Source
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,18 @@ def source_values(task: Task, source: Source, hook_name: str) -> torch.Tensor:
     return task.memo[key]
 
 
+def source_combine(task: Task, source: Source, hook_name: str) -> Combine | None:
+    """``source.combine`` at ``hook_name`` (``None``: a plain overwrite), made once per task."""
+    try:
+        key: Hashable = ("combine", source, hook_name)
+        hash(key)
+    except TypeError:
+        key = ("combine", id(source), hook_name)
+    if key not in task.memo:
+        task.memo[key] = source.combine(hook_name, task.session)
+    return task.memo[key]  # type: ignore[no-any-return]
+
+
 @attrs.frozen
 class BatchedEstimator:
     """Exact patching, many cells per forward pass (see the module docstring).
@@ -163,7 +175,8 @@ class BatchedEstimator:
         for activation, layer, source, mask in chunk_writes(
             task.grid, chunk.cells, adapter.device, task.memo
         ):
-            values = source_values(task, source, adapter.hook_name(activation, layer))
+            hook_name = adapter.hook_name(activation, layer)
+            values = source_values(task, source, hook_name)
             hooks += write_hooks(
                 adapter.write_points(activation, layer),
                 layout(activation).writer,
@@ -171,6 +184,7 @@ class BatchedEstimator:
                 mask.dense(),
                 copies=len(chunk),
                 phase=write_phase(source, derived=layout(activation).writer == "resid_mid"),
+                combine=source_combine(task, source, hook_name),
             )
         return ordered(hooks)
 

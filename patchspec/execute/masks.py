@@ -155,7 +155,9 @@ def _prepare(part: Part, sizes: Sizes, device: torch.device) -> _PartLayout:
             if selection is not None:
                 fixed.append((axis_no, _fixed_factor(selection, size, device)))
     layer_j = part.axis_index("layer")
-    source_j = part.axis_index("source")
+    source_j = next(
+        (j for j, axis in enumerate(part.axes) if axis.kind in ("source", "parameter")), None
+    )
     if layer_j is not None:  # gathered with the index axes, after them, with no offset
         columns.append(part.first + layer_j)
         values.append(np.asarray(part.axes[layer_j].values, dtype=np.int64))
@@ -226,7 +228,7 @@ def part_writes(
             memo[key] = part.source(part.spec.source, grid.positions)
         sources: list[tuple[Source, np.ndarray | None]] = [(memo[key], None)]
     else:
-        listed = part.axes[part.axis_index("source") or 0].values
+        listed = part.axes[prep.source_column - part.first].values
         by_source = grid.columns(cells, np.asarray([prep.source_column]))[:, 0]
         sources = [(listed[s], rows) for s, rows in _groups(by_source)]
     writes: list[Write] = []

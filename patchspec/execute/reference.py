@@ -20,6 +20,7 @@ from patchspec.execute.protocols import Chunk, Task
 from patchspec.layouts import layout
 from patchspec.model.adapter import ModelAdapter
 from patchspec.plan.cells import PerExample, Region
+from patchspec.sources import Combine
 
 
 def _indices(region: Region, shape: torch.Size, device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -47,8 +48,14 @@ def _indices(region: Region, shape: torch.Size, device: torch.device) -> Iterato
         yield tuple(index)
 
 
-def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) -> list[Hook]:
-    """Hooks writing ``values`` into ``region`` by plain indexing (``resid_mid``: via attn_out)."""
+def indexing_hooks(
+    adapter: ModelAdapter, region: Region, values: torch.Tensor, combine: Combine | None = None
+) -> list[Hook]:
+    """Hooks writing ``values`` into ``region`` by plain indexing (``resid_mid``: via attn_out).
+
+    With a ``combine`` (see :meth:`patchspec.sources.Source.combine`) the values written are
+    ``combine(act, values)`` of the whole activation as it arrives, indexed like plain values.
+    """
     points = adapter.write_points(region.activation, region.layer)
     derived = layout(region.activation).writer == "resid_mid"
     phase = write_phase(region.source, derived=derived)
@@ -67,11 +74,17 @@ def indexing_hooks(adapter: ModelAdapter, region: Region, values: torch.Tensor) 
             seen["resid_pre"] = act.clone()
 
         def write(act: torch.Tensor, hook: object) -> torch.Tensor:
-            return assign(act, values.to(act.dtype) - seen.pop("resid_pre"))
+            resid_pre = seen.pop("resid_pre")
+            target = values.to(act.dtype)
+            if combine is not None:  # the residual resid_mid = resid_pre + attn_out
+                target = combine(resid_pre + act, target)
+            return assign(act, target - resid_pre)
 
         return [(points[0], phased(read, READ)), (points[1], phased(write, phase))]
 
     def overwrite(act: torch.Tensor, hook: object) -> torch.Tensor:
+        if combine is not None:
+            return assign(act, combine(act.clone(), values.to(act.dtype)))
         return assign(act, values)
 
     return [(points[0], phased(overwrite, phase))]
@@ -105,7 +118,8 @@ class ReferenceEstimator:
                 hooks: list[Hook] = []
                 for region in cell.regions:
                     values = region.source.values(region.hook_name, session)
-                    hooks += indexing_hooks(adapter, region, values)
+                    combine = region.source.combine(region.hook_name, session)
+                    hooks += indexing_hooks(adapter, region, values, combine)
                 logits = adapter.run_with_hooks(tokens, counter.counted(ordered(hooks)))
                 counter.check()
                 out.append(task.evaluate(logits, int(flat)))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from patchspec.errors import InputError, warn
+from patchspec.errors import InputError, did_you_mean, warn
 from patchspec.layouts import POSITION_DIMS
 from patchspec.model.adapter import ModelAdapter
 from patchspec.model.replay import Replay
@@ -413,6 +413,8 @@ class Session:
         hook_names: The hook points whose activations sources may read.
         clean_cache: Pre-computed clean activations (e.g. an ``ActivationCache``).
         reference: Reference datasets for ``Mean(over=...)``.
+        tensors: Run-time tensors that sources name by key (bases, directions, SAEs; see
+            :mod:`patchspec.interventions`).
 
     Raises:
         InputError: unusable prompts (see :func:`read_inputs`), clean and corrupted inputs
@@ -429,8 +431,14 @@ class Session:
         hook_names: Iterable[str] = (),
         clean_cache: Mapping[str, torch.Tensor] | None = None,
         reference: Prompts | Mapping[str, Prompts] | None = None,
+        tensors: Mapping[str, Any] | None = None,
     ) -> None:
         self.adapter = ModelAdapter.of(model)
+        if tensors is not None and not isinstance(tensors, Mapping):
+            raise InputError(
+                f"tensors must be a dict {{name: tensor}}, got {type(tensors).__name__}"
+            )
+        self.tensors: dict[str, Any] = dict(tensors or {})
         self.model = model = self.adapter.model
         inputs: dict[Receiver, Inputs] = {"corrupted": read_inputs(model, corrupted, "corrupted")}
         if clean is not None:
@@ -673,6 +681,20 @@ class Session:
         read = read_inputs(self.model, self._references[name], f"reference {name!r}")
         self._reference_read[name] = read
         return read
+
+    def tensor(self, name: str) -> Any:
+        """The run-time tensor (or SAE) given as ``run(..., tensors={name: ...})``.
+
+        Raises:
+            InputError: none of that name was given (naming those that were).
+        """
+        if name not in self.tensors:
+            given = ", ".join(map(repr, self.tensors)) or "none"
+            raise InputError(
+                f"no tensor {name!r} was given; pass run(..., tensors={{{name!r}: tensor}}) "
+                f"(given: {given}){did_you_mean(name, list(self.tensors))}"
+            )
+        return self.tensors[name]
 
     def check_reference(self, name: str) -> None:
         """Raise unless the reference dataset ``name`` was given with the prompts' token length.

@@ -142,7 +142,7 @@ def axis_values(
     """
     selector = spec.restriction(axis)
     dims = spec.layout.patch_dims
-    if axis == SOURCE_AXIS:
+    if axis == SOURCE_AXIS or axis == spec.parameter_axis:
         return spec.sources
     if axis not in dims:  # a custom-rule axis: its values are listed explicitly
         if selector is None or isinstance(selector, Slice):
@@ -227,7 +227,8 @@ def regions_of(
 
     Args:
         spec: The spec.
-        cell: The cell's coordinates by axis (a swept ``source`` axis holds the source itself).
+        cell: The cell's coordinates by axis (a swept ``source`` axis, or an axis sweeping a
+            field of the source, holds the source itself).
         sizes: Sizes of the model and inputs.
         positions: Resolved named positions, when the sweep got any.
 
@@ -236,9 +237,10 @@ def regions_of(
             named position is unknown.
     """
     lay = spec.layout
-    source = cell[SOURCE_AXIS] if SOURCE_AXIS in spec.axes else spec.source
+    chooser = SOURCE_AXIS if SOURCE_AXIS in spec.axes else spec.parameter_axis
+    source = spec.source if chooser is None else cell[chooser]
     if spec.rule is None:
-        index: dict[str, Any] = {axis: cell[axis] for axis in spec.axes if axis != SOURCE_AXIS}
+        index: dict[str, Any] = {axis: cell[axis] for axis in spec.axes if axis != chooser}
         what = "restriction"
     else:
         try:

@@ -45,8 +45,9 @@ from patchspec.sources import Receiver, Source, source_labels
 from patchspec.spec import RESERVED_DIMS, SOURCE_AXIS, AnySpec, JointSpec, PatchSpec
 
 #: What the coordinates of an axis are: token or head indices, position names (resolved per
-#: prompt), value sources, or the listed values of a custom-rule axis.
-AxisKind = Literal["index", "named", "source", "custom"]
+#: prompt), value sources, a field of the source (``strength``: the values label the axis, the
+#: sources set to them are its values), or the listed values of a custom-rule axis.
+AxisKind = Literal["index", "named", "source", "parameter", "custom"]
 
 
 @attrs.frozen(eq=False)
@@ -346,6 +347,8 @@ def explicit_grid(
 def _axis_kind(spec: PatchSpec, axis: str, values: tuple[Any, ...]) -> AxisKind:
     if axis == SOURCE_AXIS:
         return "source"
+    if axis == spec.parameter_axis:  # coordinates: the field's values; values: the sources
+        return "parameter"
     if axis not in spec.layout.patch_dims:
         return "custom"
     return "named" if values and isinstance(values[0], str) else "index"
@@ -376,7 +379,12 @@ def _part(
     for j, (name, dim) in enumerate(zip(spec.axes, dims, strict=True)):
         values = axis_values(spec, name, sizes, positions)
         kind = _axis_kind(spec, name, values)
-        labels = source_labels(values) if kind == "source" else values
+        if kind == "source":
+            labels: tuple[Any, ...] = source_labels(values)
+        elif kind == "parameter":
+            labels = tuple(getattr(v, name) for v in values)
+        else:
+            labels = values
         axes.append(Axis(name, dim, kind, tuple(values), tuple(labels)))
         if kind == "named" and positions is not None:
             table = positions.of(spec.receiver)
