@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         register_estimator,
         register_executor,
     )
+    from patchspec.interventions import Add, SAELatent, Subspace
     from patchspec.io import load, save
     from patchspec.layouts import LAYOUTS, Layout, register_layout
     from patchspec.locate import find_positions
@@ -52,10 +53,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
     from patchspec.options import RunOptions
     from patchspec.sources import Clean, Corrupted, Gaussian, Mean, Resample, Zero, register_source
     from patchspec.spec import JointSpec, PatchSpec, Sweep, run, spec_from_dict
+    from patchspec.tracing import causal_trace
 
 #: Where each public name lives: a module's name for a submodule, else ``(module, attribute)``.
 _LAZY: dict[str, str | tuple[str, str]] = {
-    **{m: f"patchspec.{m}" for m in ("accessor", "batched", "catalog", "metrics", "sources", "stats")},
+    **{
+        m: f"patchspec.{m}"
+        for m in ("accessor", "batched", "catalog", "interventions", "metrics", "sources", "stats", "tracing")
+    },
+    **{n: ("patchspec.interventions", n) for n in ("Add", "SAELatent", "Subspace")},
+    "causal_trace": ("patchspec.tracing", "causal_trace"),
     **{
         n: ("patchspec.errors", n)
         for n in (
@@ -89,6 +96,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
 
 __all__ = [
     "LAYOUTS",
+    "Add",
     "Chunk",
     "Clean",
     "Corrupted",
@@ -108,14 +116,18 @@ __all__ = [
     "PatchSpecWarning",
     "Resample",
     "RunOptions",
+    "SAELatent",
     "SpecError",
+    "Subspace",
     "Sweep",
     "Task",
     "Zero",
     "accessor",
     "batched",
     "catalog",
+    "causal_trace",
     "find_positions",
+    "interventions",
     "load",
     "metrics",
     "register_estimator",
@@ -127,6 +139,7 @@ __all__ = [
     "sources",
     "spec_from_dict",
     "stats",
+    "tracing",
 ]
 
 

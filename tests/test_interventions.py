@@ -357,9 +357,9 @@ def test_bad_specs_are_refused_when_built():
         Subspace(torch.eye(2))  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="needs its values listed"):
         PatchSpec("resid_pre", axes=("strength",), source=Subspace("B"))
-    with pytest.raises(SpecError, match="Subspace.strength must be a finite number, got 'x'"):
+    with pytest.raises(SpecError, match=r"Subspace\.strength must be a finite number, got 'x'"):
         PatchSpec("resid_pre", axes=("strength",), restrictions={"strength": [1, "x"]}, source=Subspace("B"))
-    with pytest.raises(SpecError, match="SAELatent.latent must be"):
+    with pytest.raises(SpecError, match=r"SAELatent\.latent must be"):
         SAELatent("s", latent=-1)
     with pytest.raises(SpecError, match="sweeps 'source' and 'coef'"):
         PatchSpec("resid_pre", axes=("source", "coef"), restrictions={"coef": [1.0], "source": (Add("v"),)},
