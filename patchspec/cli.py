@@ -306,7 +306,7 @@ def run_experiment(
         InputError: the device is not available here, or an output cannot be written.
     """
     _check_device(device)
-    from patchspec.experiment import load_experiment, load_model
+    from patchspec.experiment import load_experiment, load_model, load_tensors
 
     experiment = load_experiment(path)  # checks the whole file before the model loads
     model_spec = dict(experiment.model)
@@ -328,6 +328,7 @@ def run_experiment(
         progress=progress,
         positions=experiment.positions,
         reference=experiment.reference,
+        tensors=load_tensors(experiment.tensors),
         **options,
     )
     report(ds)

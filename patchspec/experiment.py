@@ -24,6 +24,9 @@ A file looks like this (every key is documented in ``docs/cli.md``)::
     restrictions = { pos = -1 }
     name = "heads_at_last_pos"
 
+    [tensors]                    # run-time tensors specs name by key (Subspace, Add, SAELatent)
+    basis = "basis.pt"           # a .pt file (a tensor, or a dict of tensors for an SAE) or .npy
+
     [output]
     folder = "patchspec-out"
     plots = true
@@ -72,6 +75,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "specs": (),
     "positions": (),
     "reference": (),
+    "tensors": (),
     "output": ("folder", "plots"),
     "run": ("engine", "cells_per_batch", "max_memory", "start_at_layer", "hash_weights"),
 }
@@ -107,6 +111,8 @@ class Experiment:
             ``positions``), or None.
         reference: ``{name: prompts}`` of the ``[reference]`` section, or None.
         options: Every ``[run]`` option given (``engine`` included), for ``Sweep.run``.
+        tensors: ``{key: file}`` of the ``[tensors]`` section (bases, directions, SAEs the
+            specs name; ``.pt`` or ``.npy`` files, read by :func:`load_tensors`), or None.
     """
 
     source: str
@@ -121,6 +127,7 @@ class Experiment:
     positions: Mapping[str, list[int]] | None = None
     reference: Mapping[str, list[str]] | None = None
     options: Mapping[str, Any] = attrs.field(factory=dict)
+    tensors: Mapping[str, Path] | None = None
 
     @property
     def sweep(self) -> Sweep:
@@ -589,15 +596,74 @@ def _reference(section: Any, check: _Checker) -> dict[str, list[str]] | None:
     return {name: check.strings(value, f"[reference] {name}") for name, value in table.items()}
 
 
+#: Files a ``[tensors]`` entry may name: a torch file (a tensor, or a dict of tensors for an
+#: SAE) or a numpy array.
+TENSOR_SUFFIXES = (".pt", ".pth", ".npy")
+
+
+def _tensors(section: Any, base: Path, check: _Checker) -> dict[str, Path] | None:
+    if section is None:
+        return None
+    table = check.table(section, "[tensors]")
+    if not table:
+        raise check.fail("[tensors]", "names no tensors")
+    out: dict[str, Path] = {}
+    for name, value in table.items():
+        where = f"[tensors] {name}"
+        path = check.path(value, base, where)
+        if path.suffix not in TENSOR_SUFFIXES:
+            raise check.fail(where, f"= {str(value)!r} must be a {', '.join(TENSOR_SUFFIXES)} file")
+        if not path.is_file():
+            raise check.fail(where, f"= {str(value)!r}: no such file ({path})")
+        out[name] = path
+    return out
+
+
+def load_tensors(files: Mapping[str, Path] | None) -> dict[str, Any] | None:
+    """The tensors of an experiment's ``[tensors]`` section, read from their files.
+
+    A ``.pt``/``.pth`` file holds a tensor or a dict of tensors (an SAE), read with
+    ``torch.load(weights_only=True)``; a ``.npy`` file holds one array.
+
+    Raises:
+        ExperimentError: a file cannot be read.
+    """
+    if files is None:
+        return None
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for name, path in files.items():
+        try:
+            if path.suffix == ".npy":
+                out[name] = torch.from_numpy(np.load(path, allow_pickle=False))
+            else:
+                out[name] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ExperimentError(
+                f"[tensors] {name} = {str(path)!r} cannot be read: {type(err).__name__}: {err}"
+            ) from err
+    return out
+
+
 def _cross_check(
     specs: Sequence[AnySpec],
     positions: Mapping[str, Any] | None,
     reference: Mapping[str, Any] | None,
     check: _Checker,
+    tensors: Mapping[str, Any] | None = None,
 ) -> None:
-    """Named positions and reference datasets the specs use must be given."""
+    """Named positions, reference datasets and tensors the specs use must be given."""
     for spec in specs:
         where = f"[[specs]] {spec.label!r}"
+        for key in dict.fromkeys(k for s in spec.sources for k in s.tensor_keys()):
+            if tensors is None or key not in tensors:
+                have = f"; given: {', '.join(tensors)}" if tensors else ""
+                raise check.fail(
+                    where,
+                    f"names the tensor {key!r}, which no [tensors] entry gives "
+                    f"({key} = \"file.pt\"){have}{did_you_mean(key, tensors or ())}",
+                )
         for part in spec.parts:
             for dim, selector in part.restrictions:
                 values = selector if isinstance(selector, tuple) else (selector,)
@@ -716,7 +782,8 @@ def load_experiment(path: str | Path) -> Experiment:
     specs = _specs(data.get("specs"), check)
     positions = _positions(data.get("positions"), extra, len(clean), check)
     reference = _reference(data.get("reference"), check)
-    _cross_check(specs, positions, reference, check)
+    tensors = _tensors(data.get("tensors"), base, check)
+    _cross_check(specs, positions, reference, check, tensors)
     output = check.table(data.get("output", {}), "[output]")
     check.keys(output, KEYS["output"], "[output]")
     folder = check.path(output.get("folder", "patchspec-out"), base, "[output] folder").resolve()
@@ -726,7 +793,7 @@ def load_experiment(path: str | Path) -> Experiment:
     options = _run(data.get("run", {}), check)
     return Experiment(
         source, model, clean, corrupted, metric, specs, folder, plots, options.get("engine"),
-        positions=positions, reference=reference, options=options,
+        positions=positions, reference=reference, options=options, tensors=tensors,
     )  # fmt: skip
 
 

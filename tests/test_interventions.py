@@ -395,3 +395,47 @@ def test_new_sources_round_trip_through_dicts(source):
     spec = PatchSpec("resid_pre", axes=(field, "layer"), restrictions={field: values}, source=source)
     assert spec_from_dict(spec.to_dict()) == spec
     assert Sweep.from_dict(Sweep(spec).to_dict()) == Sweep(spec)
+
+
+def test_experiment_files_name_tensors_in_a_tensors_section(tmp_path, capsys):
+    """[tensors] files reach the sweep; a spec naming a missing key fails when the file loads;
+    results with tensor records save and load."""
+    from patchspec import io
+    from patchspec.cli import run_experiment
+    from patchspec.experiment import ExperimentError, load_experiment
+
+    torch.save(torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), tmp_path / "basis.pt")
+    text = """
+[model]
+path = "toy"
+[prompts]
+clean = ["<bos> milk cake sun car salt milk cake sun car"]
+corrupted = ["<bos> dog green gray car red milk cake sun car"]
+[metric]
+kind = "logit_diff"
+answer = "salt"
+wrong = "red"
+[[specs]]
+activation = "resid_pre"
+axes = ["strength", "pos"]
+restrictions = { strength = [0.0, 1.0], layer = 1, pos = [4, 5] }
+source = { kind = "subspace", basis = "B" }
+name = "subspace"
+[tensors]
+B = "basis.pt"
+[output]
+folder = "out"
+plots = false
+"""
+    (tmp_path / "exp.toml").write_text(text)
+    ds = run_experiment(tmp_path / "exp.toml", progress=False)
+    capsys.readouterr()
+    assert ds["subspace"].attrs["tensors"]["B"]["shape"] == [64, 2]
+    loaded = io.load(tmp_path / "out" / "subspace.nc")
+    assert loaded.attrs["tensors"] == ds["subspace"].attrs["tensors"]
+    (tmp_path / "bad.toml").write_text(text.replace('B = "basis.pt"', 'b = "basis.pt"'))
+    with pytest.raises(ExperimentError, match=r"names the tensor 'B', which no \[tensors\] entry gives"):
+        load_experiment(tmp_path / "bad.toml")
+    (tmp_path / "missing.toml").write_text(text.replace('"basis.pt"', '"nope.pt"'))
+    with pytest.raises(ExperimentError, match=r"\[tensors\] B = 'nope.pt': no such file"):
+        load_experiment(tmp_path / "missing.toml")
