@@ -41,7 +41,16 @@ if TYPE_CHECKING:
 
     from patchspec.plan.sizes import Sizes
 
-__all__ = ["Add", "SAELatent", "SAEWeights", "Subspace", "orthonormal_basis", "sae_weights", "tensor_record"]
+__all__ = [
+    "Add",
+    "SAELatent",
+    "SAEWeights",
+    "Subspace",
+    "orthonormal_basis",
+    "sae_weights",
+    "steered_text",
+    "tensor_record",
+]
 
 
 # --- validators ----------------------------------------------------------------------------
@@ -628,3 +637,128 @@ class SAELatent(Source):
             return x + delta @ w_dec.to(x.dtype)
 
         return combine
+
+
+# --- reading steering -------------------------------------------------------------------------
+def _region_mask(region: Any, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``shape`` booleans, True inside ``region`` (its selections as resolved on the prompt)."""
+    import torch
+
+    from patchspec.plan.cells import PerExample
+
+    mask = torch.ones(shape, dtype=torch.bool, device=device)
+    for axis, (_dim, selection) in enumerate(region.index, start=1):
+        if selection is None:
+            continue
+        keep = torch.zeros(shape[axis], dtype=torch.bool, device=device)
+        if isinstance(selection, PerExample):
+            raise SpecError("steered generation takes integer positions, not named ones")
+        keep[list(selection)] = True
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        mask &= keep.view(view)
+    return mask
+
+
+def steered_text(
+    spec: Any,
+    model: Any,
+    prompts: str | list[str],
+    *,
+    tensors: Mapping[str, Any] | None = None,
+    max_new_tokens: int = 5,
+) -> Any:
+    """Greedy continuations of a few prompts under every cell of a steering spec, labelled.
+
+    Users judge steering by reading it: each prompt is run alone, ``max_new_tokens`` greedy steps,
+    every step patched as the cell says (one full forward pass per step, no KV cache). Positions
+    are those of the prompt; a position dim the spec leaves unrestricted covers the generated
+    tokens too (ActAdd-style steering of every position).
+
+    Args:
+        spec: A :class:`~patchspec.PatchSpec` whose sources are :class:`Add` (e.g. sweeping ``coef``).
+        model: A TransformerLens model in eval mode.
+        prompts: A prompt or a few.
+        tensors: The run-time tensors the spec names.
+        max_new_tokens: Tokens generated per prompt.
+
+    Returns:
+        An ``xarray.DataArray`` of strings (the continuations), dims the spec's axes plus
+        ``example`` (coordinates: the prompts), ``attrs["unsteered"]`` the continuations of the
+        unpatched model. Attach it to a metric result with
+        ``result.assign_coords(text=texts)`` when their dims match.
+
+    Raises:
+        SpecError: not a spec of ``Add`` sources, or a ``resid_mid`` spec.
+        InputError: bad prompts or tensors, or a bad ``max_new_tokens``.
+    """
+    import numpy as np
+    import torch
+    import xarray as xr
+
+    from patchspec.model.adapter import ModelAdapter
+    from patchspec.model.session import Session
+    from patchspec.plan.grid import compile
+    from patchspec.spec import PatchSpec
+
+    if not isinstance(spec, PatchSpec) or not all(isinstance(s, Add) for s in spec.sources):
+        raise SpecError(
+            f"steered_text reads steering: give a PatchSpec whose source is Add, got {spec!r}"
+        )
+    if spec.layout.writer != "direct":
+        raise SpecError(f"steered_text cannot write {spec.activation!r}; steer resid_pre or resid_post")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise InputError(f"steered_text takes a prompt or a list of prompts (strings), got {prompts!r}")
+    adapter = ModelAdapter.of(model)
+    adapter.check_eval_mode()
+    out: Any = None
+    unsteered: list[str] = []
+    grid = None
+    for b, text in enumerate(texts):
+        session = Session(adapter, [text], [text], tensors=tensors)
+        receiver = spec.receiver
+        sizes = adapter.sizes(1, session.seq)
+        grid = compile(spec, sizes)
+        adapter.check_hooks(grid.sites)
+        session.hook_names.update(grid.hook_names)
+        for part in grid.parts:
+            sites = tuple((part.spec.activation, layer) for layer in part.layers)
+            for source in part.spec.sources:
+                source.check_sites(session, sites, sizes)
+        if out is None:
+            out = np.empty((*grid.shape, len(texts)), dtype=object)
+        start = session.tokens(receiver)
+
+        def greedy(hooks: list[Any], start: torch.Tensor = start) -> str:
+            tokens = start
+            with torch.inference_mode():
+                for _ in range(max_new_tokens):
+                    logits = adapter.run_with_hooks(tokens, hooks)
+                    tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            return str(model.to_string(tokens[0, start.shape[1] :]))
+
+        unsteered.append(greedy([]))
+        for flat in range(grid.n_cells):
+            hooks = []
+            for region in grid.cell(flat).regions:
+                combine = region.source.combine(region.hook_name, session)
+
+                def write(act: torch.Tensor, hook: Any, region: Any = region, combine: Any = combine) -> torch.Tensor:
+                    mask = _region_mask(region, tuple(act.shape), act.device)
+                    return torch.where(mask, combine(act, act), act)
+
+                hooks.append((region.hook_name, write))
+            out[(*np.unravel_index(flat, grid.shape), b)] = greedy(hooks)
+    if grid is None:  # unreachable: texts is not empty
+        raise InputError("steered_text needs at least one prompt")
+    coords = {d: list(grid.coords[d]) for d in grid.dims}
+    return xr.DataArray(
+        out,
+        dims=(*grid.dims, "example"),
+        coords={**coords, "example": texts},
+        attrs={"unsteered": unsteered, "max_new_tokens": max_new_tokens},
+        name="text",
+    )

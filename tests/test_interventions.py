@@ -439,3 +439,38 @@ plots = false
     (tmp_path / "missing.toml").write_text(text.replace('"basis.pt"', '"nope.pt"'))
     with pytest.raises(ExperimentError, match=r"\[tensors\] B = 'nope.pt': no such file"):
         load_experiment(tmp_path / "missing.toml")
+
+
+def test_steered_text_is_greedy_decoding_under_the_steering_hook():
+    """Each coef's continuation equals a hand-written greedy loop; coef 0 is the unsteered text."""
+    from patchspec.interventions import steered_text
+    from patchspec.toy import induction_prompts, toy_model
+
+    model = toy_model()
+    p = induction_prompts(2, length=5, seed=0)
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    spec = PatchSpec("resid_pre", axes=("coef",), restrictions={"coef": [0.0, 2.0], "layer": 1, "pos": [4, 5]},
+                     source=Add("v"))
+    texts = steered_text(spec, model, p.clean, tensors={"v": v}, max_new_tokens=3)
+    assert texts.dims == ("coef", "example") and texts["example"].values.tolist() == p.clean
+    assert texts.sel(coef=0.0).values.tolist() == texts.attrs["unsteered"]
+
+    def by_hand(prompt, coef):
+        tokens = model.to_tokens(prompt)
+        start = tokens.shape[1]
+
+        def hook(act, hook):
+            act = act.clone()
+            act[:, [4, 5]] += coef * v
+            return act
+
+        with torch.inference_mode():
+            for _ in range(3):
+                logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook)])
+                tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return model.to_string(tokens[0, start:])
+
+    for coef in (0.0, 2.0):
+        assert texts.sel(coef=coef).values.tolist() == [by_hand(t, coef) for t in p.clean]
+    with pytest.raises(SpecError, match="whose source is Add"):
+        steered_text(PatchSpec("resid_pre", axes=("layer",)), model, p.clean)
