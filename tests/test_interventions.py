@@ -474,3 +474,37 @@ def test_steered_text_is_greedy_decoding_under_the_steering_hook():
         assert texts.sel(coef=coef).values.tolist() == [by_hand(t, coef) for t in p.clean]
     with pytest.raises(SpecError, match="whose source is Add"):
         steered_text(PatchSpec("resid_pre", axes=("layer",)), model, p.clean)
+
+
+def test_named_positions_that_move_read_the_donor_at_its_own_index(gpt2, tokens):
+    """With position tables that differ between runs, a full-space Subspace and an all-latent
+    lossless SAE patch equal the plain patch, which aligns the donor per name."""
+    clean, corrupted = tokens
+    d = gpt2.cfg.d_model
+    tables = ({"X": [1, 2], "Y": [4, 3]}, {"X": [2, 1], "Y": [3, 4]})
+    spec = PatchSpec("resid_pre", axes=("layer", "pos"))
+    plain = spec.run(gpt2, clean, corrupted, per_example_metric, positions=tables)
+    full = _both(spec.using(Subspace("I")), gpt2, clean, corrupted, positions=tables,
+                 tensors={"I": torch.eye(d)})
+    _close(full.values, plain.values)
+    sae = _both(spec.using(SAELatent("s", latent=list(range(2 * d)))), gpt2, clean, corrupted,
+                positions=tables, tensors={"s": _perfect_sae(d)})
+    _close(sae.values, plain.values)
+    unaligned = PatchSpec("resid_pre", axes=("layer", "pos"), restrictions={"pos": [1, 2]}).run(
+        gpt2, clean, corrupted, per_example_metric
+    )
+    assert not torch.allclose(torch.as_tensor(unaligned.values), torch.as_tensor(plain.values))
+
+
+@pytest.mark.filterwarnings("ignore:metrics .* are plain functions of the padded logits")
+def test_a_donor_prompt_s_padding_is_never_written_into_real_tokens(gpt2, tokens):
+    """Subspace and SAELatent read a donor run: its padding at a real receiving token is refused."""
+    clean, corrupted = tokens
+    mask = torch.ones_like(clean)
+    mask[0, 4:] = 0
+    padded = {"input_ids": clean, "attention_mask": mask}
+    d = gpt2.cfg.d_model
+    for source, tensors in ((Subspace("I"), {"I": torch.eye(d)}), (SAELatent("s", latent=0), {"s": _perfect_sae(d)})):
+        spec = PatchSpec("resid_pre", axes=("layer", "pos"), source=source)
+        with pytest.raises(InputError, match=r"writes .* values into corrupted prompt 0 .* padding there"):
+            spec.run(gpt2, padded, corrupted, per_example_metric, tensors=tensors)

@@ -645,6 +645,9 @@ class Session:
         if isinstance(source, Resample) and self.batch >= 2:
             run = source.donor or source.receiver
             return (run, source.permutation(self.batch)) if self.has(run) else None
+        donor = getattr(source, "donor", None)
+        if source.interchange and donor in ("clean", "corrupted") and getattr(source, "source_pos", None) is None:
+            return (donor, tuple(batch)) if self.has(donor) else None  # Subspace, SAELatent
         return None
 
     def reference(self, name: str, hook_name: str) -> torch.Tensor:

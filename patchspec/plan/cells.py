@@ -308,12 +308,24 @@ def regions_of(
 def aligned(activation: str, source: Source, positions: Positions | None) -> Source:
     """``source`` read at each named position's donor index, where clean and corrupted differ.
 
-    Only the clean and corrupted runs are donors whose named positions can move; any other
-    source (and a sweep whose names sit at the same index in both runs) is returned as it is.
+    Only the clean and corrupted runs are donors whose named positions can move: ``Clean``,
+    ``Corrupted`` and sources with a ``donor`` run (``Subspace`` without a fixed
+    ``source_pos``, ``SAELatent``) are aligned; any other source (and a sweep whose names sit at
+    the same index in both runs) is returned as it is.
     """
-    if positions is None or not isinstance(source, Clean | Corrupted):
+    if positions is None:
         return source
-    donor: Receiver = "clean" if isinstance(source, Clean) else "corrupted"
+    donor: Receiver
+    if isinstance(source, Clean | Corrupted):
+        donor = "clean" if isinstance(source, Clean) else "corrupted"
+    elif (
+        source.interchange
+        and getattr(source, "donor", None) in ("clean", "corrupted")
+        and getattr(source, "source_pos", None) is None
+    ):  # a donor-run source of the other run (Subspace, SAELatent) reads the donor's index too
+        donor = source.donor  # type: ignore[attr-defined]
+    else:
+        return source
     moves = positions.moves(donor, source.receiver)
     if not any(moves):
         return source

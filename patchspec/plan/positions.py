@@ -210,6 +210,15 @@ class Aligned(Source):
         """The inner source's label."""
         return self.inner.label
 
+    @property
+    def interchange(self) -> bool:  # type: ignore[override]
+        """The inner source's (values from the other run win where writes overlap)."""
+        return self.inner.interchange
+
+    def combine(self, hook_name: str, runs: Any) -> Any:
+        """The inner source's write (a function of the receiving activation, or ``None``)."""
+        return self.inner.combine(hook_name, runs)
+
     def values(self, hook_name: str, runs: Any) -> Any:
         """The inner values, gathered along the position axes."""
         import torch
