@@ -496,7 +496,7 @@ def test_named_positions_that_move_read_the_donor_at_its_own_index(gpt2, tokens)
     assert not torch.allclose(torch.as_tensor(unaligned.values), torch.as_tensor(plain.values))
 
 
-@pytest.mark.filterwarnings("ignore:metrics .* are plain functions of the padded logits")
+@pytest.mark.filterwarnings("ignore::patchspec.errors.PatchSpecWarning")
 def test_a_donor_prompt_s_padding_is_never_written_into_real_tokens(gpt2, tokens):
     """Subspace and SAELatent read a donor run: its padding at a real receiving token is refused."""
     clean, corrupted = tokens
@@ -508,3 +508,32 @@ def test_a_donor_prompt_s_padding_is_never_written_into_real_tokens(gpt2, tokens
         spec = PatchSpec("resid_pre", axes=("layer", "pos"), source=source)
         with pytest.raises(InputError, match=r"writes .* values into corrupted prompt 0 .* padding there"):
             spec.run(gpt2, padded, corrupted, per_example_metric, tensors=tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(tmp_path, dtype):
+    """In float16 and bfloat16 the three types run on both engines, agree, and keep identities."""
+    from patchspec import metrics
+    from patchspec.tiny import tiny_model
+    from tests.models import VOCAB, prompts
+
+    model = tiny_model(VOCAB, tmp_path, architecture="gpt2", dtype=dtype, device="cpu")
+    clean, corrupted = prompts()
+    metric = metrics.logit_diff(5, 7)
+    d = model.cfg.d_model
+    cases = [
+        (PatchSpec("resid_pre", axes=("strength", "pos"), restrictions={"strength": [0.0, 1.0], "layer": 1},
+                   source=Subspace("B")), {"B": _basis(d, 4)}, "corrupted_baseline", "strength"),
+        (PatchSpec("resid_post", axes=("coef", "pos"), restrictions={"coef": [0.0, 1.0], "layer": 0},
+                   source=Add("v")), {"v": _basis(d, 1)[:, 0]}, "clean_baseline", "coef"),
+        (PatchSpec("resid_mid", axes=("latent", "pos"), restrictions={"latent": [0, 3], "layer": 1},
+                   source=SAELatent("s")), {"s": _random_sae(d, 8)}, None, None),
+    ]
+    for spec, tensors, baseline, axis in cases:
+        fast = spec.run(model, clean, corrupted, metric, tensors=tensors, progress=False)
+        slow = spec.run(model, clean, corrupted, metric, tensors=tensors, engine="reference", progress=False)
+        assert torch.isfinite(torch.as_tensor(fast.values)).all()
+        _close(fast.values, slow.values, atol=2e-2, rtol=2e-2)
+        if axis is not None:
+            unpatched = fast.sel({axis: 0.0}).values
+            _close(unpatched, torch.full(unpatched.shape, fast.attrs[baseline]), atol=2e-2, rtol=2e-2)
