@@ -47,7 +47,9 @@ __all__ = [
     "SAEWeights",
     "Subspace",
     "orthonormal_basis",
+    "read_tensors",
     "sae_weights",
+    "save_tensors",
     "steered_text",
     "tensor_record",
 ]
@@ -162,7 +164,7 @@ def orthonormal_basis(
 
     Example:
         >>> import torch
-        >>> orthonormal_basis(torch.tensor([[2.0], [0.0]]), 2).tolist()
+        >>> orthonormal_basis(torch.tensor([[2.0], [0.0]]), 2).abs().tolist()
         [[1.0], [0.0]]
     """
     import torch
@@ -592,6 +594,13 @@ class SAELatent(Source):
         """The donor run."""
         return (self.donor,)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (several latents as a list)."""
+        out = super().to_dict()
+        if isinstance(self.latent, tuple):
+            out["latent"] = list(self.latent)
+        return out
+
     def tensor_keys(self) -> tuple[str, ...]:
         """The SAE."""
         return (self.sae,)
@@ -762,3 +771,71 @@ def steered_text(
         attrs={"unsteered": unsteered, "max_new_tokens": max_new_tokens},
         name="text",
     )
+
+
+# --- keeping the tensors beside a result -----------------------------------------------------
+def _plain_tensors(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    weights = sae_weights(value)
+    out: dict[str, Any] = {k: v.detach().cpu() for k, v in weights.tensors().items()}
+    out["apply_b_dec_to_input"] = weights.apply_b_dec_to_input
+    return out
+
+
+def save_tensors(path: Any, tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Write run-time tensors to one torch file beside a result (an SAE as a dict of tensors).
+
+    Args:
+        path: The file (conventionally ``<result>.tensors.pt``).
+        tensors: What was passed as ``run(..., tensors=...)``.
+
+    Returns:
+        Each tensor's record, as results hold them in ``attrs["tensors"]``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> path = Path(tempfile.mkdtemp()) / "result.tensors.pt"
+        >>> records = save_tensors(path, {"B": torch.eye(3)})
+        >>> read_tensors(path, expect=records)["B"].shape
+        torch.Size([3, 3])
+    """
+    import torch
+
+    plain = {str(k): _plain_tensors(v) for k, v in tensors.items()}
+    torch.save(plain, path)
+    return {k: tensor_record(v) for k, v in plain.items()}
+
+
+def read_tensors(path: Any, *, expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read tensors written by :func:`save_tensors`, checked against a result's records.
+
+    Args:
+        path: The file.
+        expect: A result's ``attrs["tensors"]``: every key there must be in the file with the
+            same SHA-256 (so the result can be reproduced with exactly these tensors).
+
+    Raises:
+        InputError: the file cannot be read, or a tensor is missing or differs from its record.
+    """
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise InputError(f"tensors file {str(path)!r} cannot be read: {type(err).__name__}: {err}") from err
+    if not isinstance(loaded, dict):
+        raise InputError(f"tensors file {str(path)!r} holds a {type(loaded).__name__}, not a dict of tensors")
+    for key, record in (expect or {}).items():
+        if key not in loaded:
+            raise InputError(f"tensors file {str(path)!r} has no tensor {key!r} (it has {', '.join(loaded) or 'none'})")
+        got = tensor_record(loaded[key])["sha256"]
+        if got != record.get("sha256"):
+            raise InputError(
+                f"tensor {key!r} in {str(path)!r} differs from the result's record (sha256 {got[:12]}... "
+                f"against {str(record.get('sha256'))[:12]}...)"
+            )
+    return dict(loaded)

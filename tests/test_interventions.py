@@ -537,3 +537,24 @@ def test_half_precision(tmp_path, dtype):
         if axis is not None:
             unpatched = fast.sel({axis: 0.0}).values
             _close(unpatched, torch.full(unpatched.shape, fast.attrs[baseline]), atol=2e-2, rtol=2e-2)
+
+
+def test_tensors_saved_beside_a_result_are_checked_against_its_records(gpt2, tokens, tmp_path):
+    """save_tensors/read_tensors keep the run's tensors; a changed tensor is refused."""
+    from patchspec.interventions import read_tensors, save_tensors
+
+    clean, corrupted = tokens
+    d = gpt2.cfg.d_model
+    tensors = {"B": _basis(d, 2), "s": _random_sae(d, 4)}
+    spec = PatchSpec("resid_pre", axes=("layer",), restrictions={"pos": -1}, source=Subspace("B"))
+    joint = spec & PatchSpec("mlp_out", axes=(), restrictions={"layer": 0, "pos": 2}, source=SAELatent("s", latent=1))
+    result = joint.run(gpt2, clean, corrupted, per_example_metric, tensors=tensors)
+    assert set(result.attrs["tensors"]) == {"B", "s"}
+    records = save_tensors(tmp_path / "r.tensors.pt", tensors)
+    assert records == result.attrs["tensors"]
+    again = read_tensors(tmp_path / "r.tensors.pt", expect=result.attrs["tensors"])
+    rerun = joint.run(gpt2, clean, corrupted, per_example_metric, tensors=again)
+    _close(rerun.values, result.values, atol=0, rtol=0)
+    save_tensors(tmp_path / "other.pt", {"B": tensors["B"] + 1, "s": tensors["s"]})
+    with pytest.raises(InputError, match=r"tensor 'B' in .* differs from the result's record"):
+        read_tensors(tmp_path / "other.pt", expect=result.attrs["tensors"])
