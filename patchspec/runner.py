@@ -31,7 +31,6 @@ import patchspec.accessor  # noqa: F401  (registers the .patch accessor of the r
 from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
-from patchspec.layouts import layout
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
 from patchspec.model.session import Session, metric_inputs
@@ -124,7 +123,7 @@ class Run:
         for source in dict.fromkeys(s for part in grid.parts for s in part.spec.sources):
             source.check(self.session)
         self.session.check_alignment(grid)
-        reads = set(grid.hook_names) | {layout(a).hook_name(layer) for a, layer in extra}
+        reads = set(grid.hook_names) | {self.adapter.hook_name(a, layer) for a, layer in extra}
         missing = reads - self.session.hook_names
         if missing and "context" in self._context:
             raise InputError(f"grid added after the unpatched runs; hooks {sorted(missing)} missing")
@@ -413,7 +412,11 @@ def label(
     if keys:
         from patchspec.interventions import tensor_record
 
-        attributes["tensors"] = {k: tensor_record(run.session.tensor(k)) for k in keys}
+        records = run._context.setdefault("tensor_records", {})  # each tensor hashed once
+        for k in keys:
+            if k not in records:
+                records[k] = tensor_record(run.session.tensor(k))
+        attributes["tensors"] = {k: records[k] for k in keys}
     if grid.positions is not None:
         attributes["positions"] = {
             "clean": {k: list(v) for k, v in grid.positions.clean.items()},
