@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformer_lens.tools.analysis.interchange import SubspaceInterchange
 
@@ -558,3 +558,29 @@ def test_tensors_saved_beside_a_result_are_checked_against_its_records(gpt2, tok
     save_tensors(tmp_path / "other.pt", {"B": tensors["B"] + 1, "s": tensors["s"]})
     with pytest.raises(InputError, match=r"tensor 'B' in .* differs from the result's record"):
         read_tensors(tmp_path / "other.pt", expect=result.attrs["tensors"])
+
+
+_WIDTH = {"resid_pre": "d_model", "resid_mid": "d_model", "attn_out": "d_model", "z": "d_head", "v": "d_head", "post": "d_mlp"}
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    activation=st.sampled_from(sorted(_WIDTH)),
+    kind=st.sampled_from(["subspace", "add", "sae"]),
+    rank=st.integers(1, 3),
+    values=st.lists(st.floats(-2, 2, allow_nan=False), min_size=1, max_size=2, unique=True),
+    layer=st.integers(0, 1),
+)
+def test_batched_equals_reference_for_random_functional_patches(model, tokens, activation, kind, rank, values, layer):
+    """Any activation, any of the three types, a swept field: the engines agree (property)."""
+    clean, corrupted = tokens
+    width = getattr(model.cfg, _WIDTH[activation])
+    if kind == "subspace":
+        source, axis, tensors = Subspace("T"), "strength", {"T": _basis(width, rank)}
+    elif kind == "add":
+        source, axis, tensors = Add("T"), "coef", {"T": _basis(width, 1)[:, 0]}
+    else:
+        source, axis, tensors = SAELatent("T"), "latent", {"T": _random_sae(width, 4)}
+        values = list(range(rank))
+    spec = PatchSpec(activation, axes=(axis, "pos"), restrictions={axis: values, "layer": layer}, source=source)
+    _both(spec, model, clean, corrupted, tensors=tensors)
