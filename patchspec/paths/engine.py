@@ -116,6 +116,7 @@ def needed_hooks(
     names = {sender_hook(s) for s in senders}
     names |= {residual_hook(t.stage(n_layers), n_layers) for t in targets if t.kind == "logits"}
     if through == "mlp":
+        names |= {residual_hook(t.stage(n_layers), n_layers) for t in targets}
         names |= {f"blocks.{layer}.hook_attn_out" for layer in range(n_layers)}
         names |= {f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)}
     return names
