@@ -976,9 +976,10 @@ def _direct_paths(
             pairs, values = paths.values(senders, targets, "direct")
     results = torch.zeros(n_layers, n_heads, n_layers, width, device=cfg.device)
     if values is not None:
-        for (i, j), value in zip(pairs, values.to(results.device), strict=True):
-            layer, head = sources[i]
-            results[layer, head, targets[j].layer, targets[j].head] = value
+        index = torch.as_tensor(
+            [(*sources[i], targets[j].layer, targets[j].head) for i, j in pairs], device=results.device
+        )
+        results[tuple(index.T)] = values.to(results)
     return results
 
 

@@ -324,41 +324,52 @@ class PathRun:
         ]
         if not pairs:
             return pairs, None
+        # Through MLPs, senders go in chunks: a first pass gives each chunk's receiver inputs
+        # (kept only while its rows run, so memory stays bounded), then the receivers' passes.
         if through == "mlp":
-            stages = sorted({t.stage(n) for t in targets})
-            changes = self.mlp_deltas(senders, stages)
-
-            def delta(i: int, j: int) -> torch.Tensor:
-                return changes[i][targets[j].stage(n)]
+            order = sorted(range(len(senders)), key=lambda i: senders[i].layer)
+            sender_groups = list(_chunks(order, self.rows))
         else:
-            memo: dict[int, torch.Tensor] = {}
-
-            def delta(i: int, j: int) -> torch.Tensor:
-                if i not in memo:
-                    memo[i] = sender_delta(self.model, senders[i], self.source, self.receiving)
-                return memo[i]
-
-        groups: dict[int, list[int]] = {}
-        for k, (_i, j) in enumerate(pairs):
-            groups.setdefault(n if targets[j].kind == "logits" else targets[j].layer, []).append(k)
+            sender_groups = [list(range(len(senders)))]
+        stages = sorted({t.stage(n) for t in targets})
+        memo: dict[int, torch.Tensor] = {}
         results: dict[int, torch.Tensor] = {}
         with split_qkv_input(self.model):
-            for layer, members in sorted(groups.items()):
-                for chunk in _chunks(members, self.rows):
-                    d = torch.stack(
-                        [delta(*pairs[k]) for k in chunk]
-                    )  # [rows, batch, pos, d_model]
-                    chosen = [targets[pairs[k][1]] for k in chunk]
-                    if layer == n:
-                        logits = self._final(d)
-                    else:
-                        logits = self._forward(
-                            layer, len(chunk), self._receiver_hooks(chosen, d), self.positions
-                        )
-                    values = self.evaluate(logits, len(chunk))
-                    self.stats["rows"] += len(chunk)
-                    for k, v in zip(chunk, values, strict=True):
-                        results[k] = v
+            for group in sender_groups:
+                if through == "mlp":
+                    found = self.mlp_deltas([senders[i] for i in group], stages)
+                    changes = {i: found[g] for g, i in enumerate(group)}
+
+                    def delta(i: int, j: int) -> torch.Tensor:
+                        return changes[i][targets[j].stage(n)]
+                else:
+
+                    def delta(i: int, j: int) -> torch.Tensor:
+                        if i not in memo:
+                            memo[i] = sender_delta(
+                                self.model, senders[i], self.source, self.receiving
+                            )
+                        return memo[i]
+
+                mine = set(group)
+                by_layer: dict[int, list[int]] = {}
+                for k, (i, j) in enumerate(pairs):
+                    if i in mine:
+                        layer = n if targets[j].kind == "logits" else targets[j].layer
+                        by_layer.setdefault(layer, []).append(k)
+                for layer, members in sorted(by_layer.items()):
+                    for chunk in _chunks(members, self.rows):
+                        d = torch.stack([delta(*pairs[k]) for k in chunk])  # [rows, batch, pos, d]
+                        chosen = [targets[pairs[k][1]] for k in chunk]
+                        if layer == n:
+                            logits = self._final(d)
+                        else:
+                            hooks = self._receiver_hooks(chosen, d)
+                            logits = self._forward(layer, len(chunk), hooks, self.positions)
+                        values = self.evaluate(logits, len(chunk))
+                        self.stats["rows"] += len(chunk)
+                        for k, v in zip(chunk, values, strict=True):
+                            results[k] = v
         return pairs, torch.stack([results[k] for k in range(len(pairs))])
 
     def _final(self, d: torch.Tensor) -> torch.Tensor:
@@ -454,6 +465,8 @@ def check_model(
                 f"blocks.{layer} has no attention component; path patching needs one in every block"
             )
     head_layers = {s.layer for s in senders if s.activation == "z"}
+    if through == "mlp":
+        head_layers |= set(range(n))  # attention is frozen through its residual write everywhere
     if head_layers:
         from transformer_lens.tools.analysis.attribution_patching import (
             _attention_write_obstruction,
