@@ -333,23 +333,22 @@ class PathRun:
             sender_groups = [list(range(len(senders)))]
         stages = sorted({t.stage(n) for t in targets})
         memo: dict[int, torch.Tensor] = {}
+        changes: dict[int, dict[int, torch.Tensor]] = {}
         results: dict[int, torch.Tensor] = {}
+
+        def delta(i: int, j: int) -> torch.Tensor:
+            if through == "mlp":
+                return changes[i][targets[j].stage(n)]
+            if i not in memo:
+                memo[i] = sender_delta(self.model, senders[i], self.source, self.receiving)
+            return memo[i]
+
         with split_qkv_input(self.model):
             for group in sender_groups:
                 if through == "mlp":
                     found = self.mlp_deltas([senders[i] for i in group], stages)
-                    changes = {i: found[g] for g, i in enumerate(group)}
-
-                    def delta(i: int, j: int) -> torch.Tensor:
-                        return changes[i][targets[j].stage(n)]
-                else:
-
-                    def delta(i: int, j: int) -> torch.Tensor:
-                        if i not in memo:
-                            memo[i] = sender_delta(
-                                self.model, senders[i], self.source, self.receiving
-                            )
-                        return memo[i]
+                    changes.clear()
+                    changes.update({i: found[g] for g, i in enumerate(group)})
 
                 mine = set(group)
                 by_layer: dict[int, list[int]] = {}
