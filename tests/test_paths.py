@@ -327,3 +327,24 @@ def test_logits_paths_without_mlps(tmp_path, tokens):
         direct.sel(sender_layer=1).values, heads.sel(layer=1).values, rtol=1e-5, atol=1e-6
     )
     assert not np.allclose(direct.sel(sender_layer=0).values, direct.attrs["corrupted_baseline"])
+
+
+def test_half_precision(tmp_path, tokens):
+    """A bfloat16 grouped-query model runs both semantics, close to its float32 twin."""
+    from patchspec.tiny import tiny_model
+    from tests.models import VOCAB
+
+    clean, corrupted = tokens
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model(
+            VOCAB, tmp_path / str(dtype), architecture="qwen2", device="cpu", dtype=dtype
+        )
+        for through in ("direct", "mlp"):
+            spec = PathSpec(sender="z", receiver="k", through=through)
+            results[dtype, through] = spec.run(model, clean, corrupted, logit_diff_metric)
+    for through in ("direct", "mlp"):
+        half, full = results[torch.bfloat16, through], results[torch.float32, through]
+        measured = full["measured"].broadcast_like(full).values
+        assert np.isfinite(half.values[measured]).all()
+        np.testing.assert_allclose(half.values[measured], full.values[measured], atol=0.02)
