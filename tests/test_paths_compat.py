@@ -104,3 +104,29 @@ def test_bad_arguments(gpt2, tokens):
         compat.get_act_patch_direct_path(gpt2, corrupted, cache, cache, logit_diff_metric, 0, 7)
     with pytest.raises(PatchSpecError, match="callable"):
         compat.get_act_patch_direct_path(gpt2, corrupted, cache, cache, "logit_diff", 0, 0)
+
+
+def test_per_head_inputs_route_matches(caches, monkeypatch):
+    """Forcing the gated per-head inputs (instead of the checked projection) gives the same
+    numbers, restores the caller's flags, and by default those flags are never touched."""
+    from patchspec.paths import engine
+
+    model, corrupted, clean_cache, corrupted_cache = caches
+    expected = tl.get_act_patch_direct_path_all_sources(
+        model, corrupted, clean_cache, corrupted_cache, logit_diff_metric, verbose=False
+    )
+    calls = []
+    original = model.set_use_split_qkv_input
+    monkeypatch.setattr(
+        model, "set_use_split_qkv_input", lambda flag: calls.append(flag) or original(flag)
+    )
+    compat.get_act_patch_direct_path_all_sources(
+        model, corrupted, clean_cache, corrupted_cache, logit_diff_metric
+    )
+    assert calls == []
+    monkeypatch.setattr(engine, "PROJECT", False)
+    got = compat.get_act_patch_direct_path_all_sources(
+        model, corrupted, clean_cache, corrupted_cache, logit_diff_metric
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert calls == [True, False] and not model.cfg.use_split_qkv_input

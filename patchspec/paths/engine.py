@@ -47,6 +47,11 @@ THROUGH = ("direct", "mlp")
 
 Activations = Callable[[str], torch.Tensor]
 
+#: Compute a query/key/value receiver's patched projection directly (``ln1(x + delta) @ W + b``,
+#: checked once per receiver layer against the model's own ``hook_q``/``hook_k``/``hook_v``)
+#: instead of through the gated per-head inputs; ``False`` forces the per-head inputs.
+PROJECT = True
+
 
 @attrs.frozen
 class Sender:
@@ -115,6 +120,9 @@ def needed_hooks(
     """Every activation of the receiving run (and the source run: sender hooks) a sweep reads."""
     names = {sender_hook(s) for s in senders}
     names |= {residual_hook(t.stage(n_layers), n_layers) for t in targets if t.kind == "logits"}
+    for t in targets:
+        if t.kind in ("q", "k", "v"):
+            names |= {f"blocks.{t.layer}.hook_resid_pre", f"blocks.{t.layer}.attn.hook_{t.kind}"}
     if through == "mlp":
         names |= {residual_hook(t.stage(n_layers), n_layers) for t in targets}
         names |= {f"blocks.{layer}.hook_attn_out" for layer in range(n_layers)}
@@ -223,6 +231,7 @@ class PathRun:
     positions: tuple[int, ...] | None
     rows: int
     stats: dict[str, int] = attrs.field(factory=lambda: {"forwards": 0, "mlp_passes": 0, "rows": 0})
+    _projects: dict[tuple[str, int], bool] = attrs.field(factory=dict, init=False)
 
     @property
     def model(self) -> Any:
@@ -343,7 +352,10 @@ class PathRun:
                 memo[i] = sender_delta(self.model, senders[i], self.source, self.receiving)
             return memo[i]
 
-        with split_qkv_input(self.model):
+        split = any(
+            t.kind in ("q", "k", "v") and not self.projects(t.kind, t.layer) for t in targets
+        )
+        with split_qkv_input(self.model) if split else contextlib.nullcontext():
             for group in sender_groups:
                 if through == "mlp":
                     found = self.mlp_deltas([senders[i] for i in group], stages)
@@ -387,10 +399,59 @@ class PathRun:
             rows = [k for k, t in enumerate(chosen) if t.kind == kind]
             if not rows:
                 continue
-            name = chosen[rows[0]].hook_name(self.n_layers)
+            layer = chosen[rows[0]].layer
             heads = None if kind == "mlp_in" else [chosen[k].head for k in rows]
+            if heads is not None and self.projects(kind, layer):
+                x = self.receiving(f"blocks.{layer}.hook_resid_pre")
+                projected = self._projection(kind, layer, x.unsqueeze(0) + d[rows], heads)
+                name = f"blocks.{layer}.attn.hook_{kind}"
+                hooks.append((name, _receiver_setter(rows, heads, projected, copies)))
+                continue
+            name = chosen[rows[0]].hook_name(self.n_layers)
             hooks.append((name, _receiver_adder(rows, heads, d[rows], copies)))
         return hooks
+
+    # --- a query/key/value receiver's projection, computed here -----------------------------
+    def projects(self, kind: str, layer: int) -> bool:
+        """Whether the receiver's projection ``ln1(x) @ W + b`` reproduces the model's own
+        ``hook_<kind>`` on the receiving run (checked once per kind and layer)."""
+        key = (kind, layer)
+        if key not in self._projects:
+            self._projects[key] = PROJECT and self._check_projection(kind, layer)
+        return self._projects[key]
+
+    def _projection(
+        self, kind: str, layer: int, x: torch.Tensor, heads: Sequence[int | None] | None = None
+    ) -> torch.Tensor:
+        """``ln1(x) @ W[head] + b[head]``: ``x`` ``[rows, batch, pos, d_model]`` gives
+        ``[rows, batch, pos, d_head]`` (row ``k`` at ``heads[k]``), or every head when
+        ``heads`` is ``None`` (``[..., pos, heads, d_head]``)."""
+        block = self.model.blocks[layer]
+        weight = getattr(block.attn, f"W_{kind.upper()}")
+        bias = getattr(block.attn, f"b_{kind.upper()}", None)
+        normed = block.ln1(x.reshape(-1, *x.shape[-2:])).reshape(x.shape)
+        if heads is None:
+            out = torch.einsum("...pd,ndh->...pnh", normed, weight.to(normed.dtype))
+            return out if bias is None else out + bias.to(out.dtype)
+        index = torch.as_tensor(list(heads), device=weight.device)
+        w = weight[index].to(normed.dtype)  # [rows, d_model, d_head]
+        out = torch.einsum("rbpd,rdh->rbph", normed, w)
+        if bias is not None:
+            out = out + bias[index].to(out.dtype)[:, None, None, :]
+        return out
+
+    def _check_projection(self, kind: str, layer: int) -> bool:
+        try:
+            x = self.receiving(f"blocks.{layer}.hook_resid_pre")
+            want = self.receiving(f"blocks.{layer}.attn.hook_{kind}")
+            got = self._projection(kind, layer, x)
+        except Exception:  # any failure means: use the model's per-head inputs instead
+            return False
+        if got.shape != want.shape:
+            return False
+        eps = torch.finfo(want.dtype).eps
+        scale = 1.0 + float(want.abs().max())
+        return bool(((got - want).abs() <= scale * max(1e-5, 32 * eps)).all())
 
 
 def _adder(
@@ -446,6 +507,22 @@ def _receiver_adder(
     return add
 
 
+def _receiver_setter(
+    rows: Sequence[int], heads: Sequence[int | None], values: torch.Tensor, copies: int
+) -> Callable[..., torch.Tensor]:
+    """A hook setting head ``heads[k]`` of copy ``rows[k]`` of a ``[.., pos, head, d_head]``
+    projection to ``values[k]``."""
+    index = torch.as_tensor(list(rows), device=values.device)
+    head_index = torch.as_tensor(list(heads), device=values.device)
+
+    def set_head(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        out = act.clone().unflatten(0, (copies, -1))
+        out[index, :, :, head_index] = values.to(out.dtype)
+        return out.flatten(0, 1)
+
+    return set_head
+
+
 def check_model(
     adapter: ModelAdapter, senders: Sequence[Sender], targets: Sequence[Target], through: str
 ) -> None:
@@ -478,12 +555,11 @@ def check_model(
                 f"architecture ({detail}); a head's residual write is not z @ W_O, so head senders "
                 "are unsupported here; use attn_out senders"
             )
+    # The gated per-head inputs are checked when used (every hook registered must fire).
     hook_dict: Mapping[str, Any] = getattr(model, "hook_dict", {})
     names = needed_hooks(senders, targets, n, through)
-    names |= {t.hook_name(n) for t in targets if t.kind != "logits"}
-    with split_qkv_input(model):
-        hook_dict = getattr(model, "hook_dict", {})
-        missing = sorted(name for name in names if name not in hook_dict)
+    names |= {t.hook_name(n) for t in targets if t.kind == "mlp_in"}
+    missing = sorted(name for name in names if name not in hook_dict)
     if missing:
         raise HookError(
             f"the model has no hook point {missing[0]!r} (architecture "
