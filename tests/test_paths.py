@@ -366,3 +366,63 @@ def test_half_precision(tmp_path, tokens):
         measured = full["measured"].broadcast_like(full).values
         assert np.isfinite(half.values[measured]).all()
         np.testing.assert_allclose(half.values[measured], full.values[measured], atol=0.02)
+
+
+EXPERIMENT = """
+[model]
+path = "toy"
+
+[prompts]
+clean = ["milk cake sun car milk cake sun", "tea road rice salt tea road rice"]
+corrupted = ["milk cake sun car milk cake green", "tea road rice salt tea road green"]
+
+[metric]
+kind = "logit_diff"
+answer = "car"
+wrong = "green"
+
+[[paths]]
+catalog = "PATH_HEAD_TO_HEAD_K"
+
+[[paths]]
+sender = { activation = "mlp_out", axes = ["layer"] }
+receiver = "logits"
+through = "mlp"
+name = "mlp_to_logits"
+
+[output]
+folder = "out"
+"""
+
+
+def test_experiment_file_paths(tmp_path, capsys):
+    """An experiment file's [[paths]] (catalogue names or inline specs, no [[specs]] needed) run
+    from the command line and are saved as netCDF; a misspelt name is a clear error."""
+    from patchspec import io
+    from patchspec.cli import main
+    from patchspec.experiment import ExperimentError, load_experiment
+
+    path = tmp_path / "exp.toml"
+    path.write_text(EXPERIMENT)
+    loaded = load_experiment(path)
+    assert loaded.specs == () and [p.label for p in loaded.paths] == [
+        "path_head_to_head_k",
+        "mlp_to_logits",
+    ]
+    assert main(["run", str(path), "--no-plots"]) == 0
+    assert "Wrote 2 files" in capsys.readouterr().out
+    keys = io.load(tmp_path / "out" / "path_head_to_head_k.nc")
+    assert keys.dims == ("sender_layer", "sender_head", "receiver_layer", "receiver_kv_head")
+    assert keys["measured"].values.tolist() == [[False, True], [False, False]]
+    mlps = io.load(tmp_path / "out" / "mlp_to_logits.nc")
+    assert mlps.dims == ("sender_layer",) and mlps.attrs["through"] == "mlp"
+    path.write_text(EXPERIMENT.replace("PATH_HEAD_TO_HEAD_K", "PATH_HEAD_TO_HED_K"))
+    with pytest.raises(
+        ExperimentError, match=r"not a catalogue path.*did you mean 'PATH_HEAD_TO_HEAD_K'"
+    ):
+        load_experiment(path)
+    path.write_text(EXPERIMENT.replace('receiver = "logits"', 'receiver = "logit"'))
+    with pytest.raises(
+        ExperimentError, match=r"\[\[paths\]\] entry 2 is not a valid path spec: receiver 'logit'"
+    ):
+        load_experiment(path)
