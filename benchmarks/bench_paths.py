@@ -7,8 +7,10 @@ Times ``transformer_lens.patching.get_act_patch_direct_path_all_sources`` (one f
 metric reading full logits, caches given) and the labelled ``catalog.PATH_HEAD_TO_HEAD_<C>.run``
 with ``metrics.logit_diff`` (timed whole: it runs the clean and corrupted inputs itself, and
 unembeds only the last position), checks that all three agree to 1e-4, and prints the times and
-the ratios ``tl_s / compat_s`` and ``tl_s / spec_s``. Each is the best of ``--repeats`` runs
-(TransformerLens: one run when it takes over 20 s), since other processes may share the cores.
+the ratios ``tl_s / compat_s`` and ``tl_s / spec_s``, in wall-clock and in CPU (process) time:
+on a machine whose cores other processes share, wall-clock ratios swing by several times between
+runs, the CPU ones much less (the run uses ``--threads`` threads, 1 by default). Each is the best
+of ``--repeats`` runs (TransformerLens: one run when it takes over 20 CPU seconds).
 
 The model is a GPT-2 with random, seeded weights built locally (``patchspec.tiny``), by default
 the medium shape of ``bench_vs_tl.py``: 6 layers, 8 heads, d_model 256, a 2000-word vocabulary.
@@ -42,16 +44,20 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 ANSWER, WRONG = 5, 7
 
 
-def best_of(fn: Callable[[], Any], repeats: int, *, slow_after: float = 20.0) -> tuple[float, Any]:
-    """The best wall time of ``repeats`` calls (one call when the first takes over ``slow_after``)."""
-    times, out = [], None
+def best_of(
+    fn: Callable[[], Any], repeats: int, *, slow_after: float = 20.0
+) -> tuple[float, float, Any]:
+    """The best wall and CPU (process) times of ``repeats`` calls (one call when the first takes
+    over ``slow_after`` CPU seconds)."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
-        if times[-1] > slow_after:
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+        if cpus[-1] > slow_after:
             break
-    return min(times), out
+    return min(walls), min(cpus), out
 
 
 def main() -> None:
@@ -99,13 +105,13 @@ def main() -> None:
         _, corrupted_cache = model.run_with_cache(corrupted)
     c = args.component
     with torch.inference_mode():
-        tl_s, expected = best_of(
+        tl_s, tl_cpu, expected = best_of(
             lambda: tl.get_act_patch_direct_path_all_sources(
                 model, corrupted, clean_cache, corrupted_cache, metric, component=c, verbose=False
             ),
             args.repeats,
         )
-    compat_s, got = best_of(
+    compat_s, compat_cpu, got = best_of(
         lambda: compat.get_act_patch_direct_path_all_sources(
             model, corrupted, clean_cache, corrupted_cache, metric, component=c
         ),
@@ -113,7 +119,9 @@ def main() -> None:
     )
     spec = catalog.PATHS[f"PATH_HEAD_TO_HEAD_{c.upper()}"]
     labelled = metrics.logit_diff(ANSWER, WRONG)
-    spec_s, result = best_of(lambda: spec.run(model, clean, corrupted, labelled), args.repeats)
+    spec_s, spec_cpu, result = best_of(
+        lambda: spec.run(model, clean, corrupted, labelled), args.repeats
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     measured = torch.as_tensor(result.fillna(0.0).values, dtype=torch.float32)
     torch.testing.assert_close(measured, expected.cpu(), rtol=1e-4, atol=1e-4)
@@ -126,12 +134,16 @@ def main() -> None:
         f"model: GPT-2 {args.layers}L {args.heads}H d_model {args.d_model} vocab {vocab}; "
         f"batch {args.batch} x {args.seq} tokens; component {c}; {pairs} (source, later head) pairs"
     )
-    print("| tl_s | compat_s | spec_s | tl/compat | tl/spec | spec forwards |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| {tl_s:.2f} | {compat_s:.2f} | {spec_s:.2f} | {tl_s / compat_s:.1f} | "
-        f"{tl_s / spec_s:.1f} | {result.attrs['forward_passes']} |"
-    )
+    print("| time | tl_s | compat_s | spec_s | tl/compat | tl/spec | spec forwards |")
+    print("|---|---|---|---|---|---|---|")
+    for what, (t, c, p) in {
+        "wall": (tl_s, compat_s, spec_s),
+        "cpu": (tl_cpu, compat_cpu, spec_cpu),
+    }.items():
+        print(
+            f"| {what} | {t:.2f} | {c:.2f} | {p:.2f} | {t / c:.1f} | {t / p:.1f} | "
+            f"{result.attrs['forward_passes']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ copy of its input only, everything downstream of the receiver recomputed:
 Rows sharing a receiver layer share one forward pass, replayed from that layer
 (:class:`patchspec.model.replay.Replay`), ``rows`` stacked copies of the batch (copy-major); a
 receiver of the final residual needs no block at all (final norm and unembedding only). Chunks
-are sized from a memory budget. The per-head inputs of the attention (``hook_q_input`` ...) need
-``cfg.use_split_qkv_input``, which :func:`split_qkv_input` turns on and restores.
+are sized from a memory budget. A query/key/value receiver's patched projection
+``ln1(x + delta) @ W + b`` is computed here and written at ``hook_q``/``hook_k``/``hook_v``
+(checked once per layer against the model's own projection); where that check fails, the
+per-head inputs of the attention (``hook_q_input`` ...) are patched instead, which need
+``cfg.use_split_qkv_input``: :func:`split_qkv_input` turns it on and restores it.
 """
 
 from __future__ import annotations
