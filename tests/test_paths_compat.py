@@ -102,6 +102,12 @@ def test_bad_arguments(gpt2, tokens):
         )
     with pytest.raises(PatchSpecError, match=r"src_head must be in 0..3, got 7"):
         compat.get_act_patch_direct_path(gpt2, corrupted, cache, cache, logit_diff_metric, 0, 7)
+    gpt2.train()
+    try:
+        with pytest.raises(PatchSpecError, match="evaluation mode"):
+            compat.get_act_patch_direct_path(gpt2, corrupted, cache, cache, logit_diff_metric, 0, 0)
+    finally:
+        gpt2.eval()
     with pytest.raises(PatchSpecError, match="callable"):
         compat.get_act_patch_direct_path(gpt2, corrupted, cache, cache, "logit_diff", 0, 0)
 
