@@ -72,6 +72,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
             "OptionError",
             "PatchSpecError",
             "PatchSpecWarning",
+    "PathSpec",
             "SpecError",
         )
     },
@@ -87,6 +88,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     "find_positions": ("patchspec.locate", "find_positions"),
     "ModelAdapter": ("patchspec.model", "ModelAdapter"),
     "RunOptions": ("patchspec.options", "RunOptions"),
+    "PathSpec": ("patchspec.paths", "PathSpec"),
     **{
         n: ("patchspec.sources", n)
         for n in ("Clean", "Corrupted", "Gaussian", "Mean", "Resample", "Zero", "register_source")

@@ -112,3 +112,18 @@ SPECS: dict[str, PatchSpec] = {
 SWEEPS: dict[str, Sweep] = {
     name: value for name, value in globals().items() if isinstance(value, Sweep) and name.isupper()
 }
+
+
+# --- path patching (patchspec.paths; issue 12) ----------------------------------------------------
+from patchspec.paths.spec import PathSpec  # noqa: E402  (the path specs build on the ones above)
+
+# fmt: off
+PATH_HEAD_TO_HEAD_Q   = PathSpec(sender=HEAD_OUT, receiver="q",      name="path_head_to_head_q")
+PATH_HEAD_TO_HEAD_K   = PathSpec(sender=HEAD_OUT, receiver="k",      name="path_head_to_head_k")
+PATH_HEAD_TO_HEAD_V   = PathSpec(sender=HEAD_OUT, receiver="v",      name="path_head_to_head_v")
+PATH_HEAD_TO_LOGITS   = PathSpec(sender=HEAD_OUT, receiver="logits", name="path_head_to_logits")
+# fmt: on
+
+#: The standard path specs by name (``PATH_HEAD_TO_HEAD_Q`` ... ``PATH_HEAD_TO_LOGITS``);
+#: ``compat.get_act_patch_direct_path*`` are the first three's TransformerLens twins.
+PATHS: dict[str, PathSpec] = {k: v for k, v in globals().items() if isinstance(v, PathSpec)}

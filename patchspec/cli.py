@@ -320,21 +320,53 @@ def run_experiment(
         raise InputError(f"output folder {str(folder)!r} exists and is not a folder")
     model = load_model(model_spec)
     print(f"{path}: {len(experiment.specs)} specs, {len(experiment.clean)} prompt pairs")
-    ds = experiment.sweep.run(
-        model,
-        experiment.clean,
-        experiment.corrupted,
-        experiment.metric,
-        progress=progress,
-        positions=experiment.positions,
-        reference=experiment.reference,
-        tensors=load_tensors(experiment.tensors),
-        **options,
-    )
-    report(ds)
-    written = write_outputs(ds, folder, plots=experiment.plots if plots is None else plots)
+    import xarray
+
+    ds = xarray.Dataset()
+    written: list[Path] = []
+    if experiment.specs:
+        ds = experiment.sweep.run(
+            model,
+            experiment.clean,
+            experiment.corrupted,
+            experiment.metric,
+            progress=progress,
+            positions=experiment.positions,
+            reference=experiment.reference,
+            tensors=load_tensors(experiment.tensors),
+            **options,
+        )
+        report(ds)
+        written = write_outputs(ds, folder, plots=experiment.plots if plots is None else plots)
+    written += _run_paths(experiment, model, options, folder, progress)
     print(f"\nWrote {len(written)} files to {folder}/")
     return ds
+
+
+def _run_paths(
+    experiment: Any, model: Any, options: dict[str, Any], folder: Path, progress: bool | None
+) -> list[Path]:
+    """Run the experiment's ``[[paths]]`` and save each result as ``<name>.nc``."""
+    from patchspec import io
+
+    keep = ("engine", "cells_per_batch", "max_memory", "hash_weights")
+    written = []
+    for spec in experiment.paths:
+        result = spec.run(
+            model,
+            experiment.clean,
+            experiment.corrupted,
+            experiment.metric,
+            progress=progress,
+            positions=experiment.positions,
+            **{k: v for k, v in options.items() if k in keep},
+        )
+        print(f"{spec.label}: {dict(result.sizes)}, {result.attrs['forward_passes']} forward passes")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{spec.label}.nc"
+        io.save(result, target)
+        written.append(target)
+    return written
 
 
 def _version() -> str:

@@ -905,3 +905,163 @@ __all__ = [
     'make_df_from_ranges',
 ]
 # --- end of generated code ---
+
+
+# --- direct path patching (TransformerLens 4.3's get_act_patch_direct_path*) ---------------------
+
+
+def _direct_paths(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    corrupted_cache: Any,
+    patching_metric: Callable[[torch.Tensor], torch.Tensor],
+    sources: Sequence[tuple[int, int]],
+    component: str,
+    verbose: bool,
+) -> torch.Tensor:
+    """``[n_layers, n_heads, n_layers, n_receiver_heads]`` metrics of the direct paths from
+    ``sources`` into every later head's ``component`` input, 0.0 elsewhere (as TransformerLens),
+    batched by :mod:`patchspec.paths.engine`."""
+    from patchspec.errors import did_you_mean
+    from patchspec.model.session import Session
+    from patchspec.paths import engine
+
+    if component not in ("q", "k", "v"):
+        raise SpecError(
+            f"component must be one of 'q', 'k', 'v', got {component!r}"
+            + did_you_mean(str(component), ("q", "k", "v"))
+        )
+    if not callable(patching_metric) or isinstance(patching_metric, Metric):
+        raise PatchSpecError(
+            "patching_metric must be a callable logits -> scalar tensor, as in TransformerLens; "
+            "to use patchspec metrics, run a PathSpec (patchspec.paths) instead"
+        )
+    adapter = ModelAdapter.of(model)
+    cfg = adapter.cfg
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    for layer, head in sources:
+        if not 0 <= int(layer) < n_layers:
+            raise SpecError(f"src_layer must be in 0..{n_layers - 1}, got {layer}")
+        if not 0 <= int(head) < n_heads:
+            raise SpecError(f"src_head must be in 0..{n_heads - 1}, got {head}")
+    width = n_heads if component == "q" else n_kv
+    senders = [engine.Sender("z", int(layer), int(head)) for layer, head in sources]
+    targets = [engine.Target(component, layer, head) for layer in range(n_layers) for head in range(width)]
+    engine.check_model(adapter, senders, targets, "direct")
+    adapter.check_eval_mode()
+    with adapter.exclusive():
+        session = Session(model, None, corrupted_tokens, clean_cache=clean_cache)
+        tokens = session.tokens("corrupted")
+
+        def evaluate(logits: torch.Tensor, rows: int) -> torch.Tensor:
+            parts = logits.unflatten(0, (rows, -1))
+            return torch.stack(
+                [torch.as_tensor(patching_metric(part), device=logits.device).float().reshape(()) for part in parts]
+            )
+
+        sizes = adapter.sizes(session.batch, session.seq)
+        with torch.inference_mode():
+            paths = engine.PathRun(
+                adapter=adapter,
+                tokens=tokens,
+                replay=session.replay("corrupted"),
+                source=lambda name: clean_cache[name],
+                receiving=lambda name: corrupted_cache[name],
+                evaluate=evaluate,
+                positions=None,
+                rows=engine.rows_per_pass(adapter, sizes, session.seq, None, None),
+            )
+            pairs, values = paths.values(senders, targets, "direct")
+    results = torch.zeros(n_layers, n_heads, n_layers, width, device=cfg.device)
+    if values is not None:
+        index = torch.as_tensor(
+            [(*sources[i], targets[j].layer, targets[j].head) for i, j in pairs], device=results.device
+        )
+        results[tuple(index.T)] = values.to(results)
+    return results
+
+
+def get_act_patch_direct_path(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    corrupted_cache: Any,
+    patching_metric: Callable[[torch.Tensor], torch.Tensor],
+    src_layer: int,
+    src_head: int,
+    component: str = "q",
+    verbose: bool = True,
+) -> torch.Tensor:
+    """Drop-in for ``transformer_lens.patching.get_act_patch_direct_path``.
+
+    Adds source head ``(src_layer, src_head)``'s clean-minus-corrupted write (``z @ W_O``) to
+    one later head's own pre-LayerNorm ``component`` input at every position, everything else
+    as in the corrupted run, and measures ``patching_metric`` on the logits: the exact edge
+    patch of Wang et al. (2022), as TransformerLens 4.3 computes it, but with all later heads
+    in a few batched passes replayed from their layer instead of one full forward each.
+
+    Unlike TransformerLens, ``component="k"`` and ``"v"`` also work on grouped-query models:
+    the receivers are then the key/value heads (``[n_layers, n_key_value_heads]``), each
+    patched in the one key/value input its query heads share. The labelled equivalent is
+    ``patchspec.catalog.PATH_HEAD_TO_HEAD_Q`` (``_K``, ``_V``), which gives NaN, not 0.0, where
+    nothing is measured.
+
+    Args:
+        model: A ``TransformerBridge`` in eval mode.
+        corrupted_tokens: Tokens of the corrupted run, ``[batch, pos]``.
+        clean_cache: Cache of the clean run (holds ``blocks.{src_layer}.attn.hook_z``).
+        corrupted_cache: Cache of the corrupted run (the same ``hook_z``).
+        patching_metric: ``logits -> scalar``.
+        src_layer: Layer of the source head.
+        src_head: Index of the source head.
+        component: The receivers' input: ``"q"``, ``"k"`` or ``"v"``.
+        verbose: Accepted for TransformerLens's signature (the passes are few; no bar).
+
+    Returns:
+        ``[n_layers, n_heads]`` (``n_key_value_heads`` for k/v on grouped-query models), float32:
+        entry ``[l, h]`` is the metric with the path into head ``(l, h)`` patched; rows
+        ``l <= src_layer`` are 0.0 placeholders, not measurements, as in TransformerLens.
+
+    Raises:
+        PatchSpecError: a bad component, head or layer, a model in training mode, a block
+            without attention, or a source whose write is not ``z @ W_O`` (a ``ValueError``,
+            as TransformerLens raises).
+    """
+    return _direct_paths(
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric,
+        [(src_layer, src_head)], component, verbose,
+    )[src_layer, src_head]
+
+
+def get_act_patch_direct_path_all_sources(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    corrupted_cache: Any,
+    patching_metric: Callable[[torch.Tensor], torch.Tensor],
+    component: str = "q",
+    verbose: bool = True,
+) -> torch.Tensor:
+    """Drop-in for ``transformer_lens.patching.get_act_patch_direct_path_all_sources``.
+
+    :func:`get_act_patch_direct_path` from every source head, all (source, later head) pairs
+    in batched passes, one chunk of rows per pass from the receivers' layer (TransformerLens
+    runs one full forward per pair). ``k``/``v`` work on grouped-query models too (receivers
+    are key/value heads).
+
+    Returns:
+        ``[n_layers, n_heads, n_layers, n_heads]`` float32 (last dim ``n_key_value_heads`` for
+        k/v on grouped-query models): ``[sl, sh, dl, dh]`` is the metric with the path from head
+        ``(sl, sh)`` into head ``(dl, dh)`` patched, and 0.0 where ``dl <= sl`` (placeholders,
+        as in TransformerLens).
+    """
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    sources = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    return _direct_paths(
+        model, corrupted_tokens, clean_cache, corrupted_cache, patching_metric, sources, component, verbose
+    )
+
+
+__all__ += ["get_act_patch_direct_path", "get_act_patch_direct_path_all_sources"]

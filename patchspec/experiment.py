@@ -73,6 +73,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "prompts": ("clean", "corrupted", "file"),
     "metric": ("kind", "answer", "wrong", "pos", "reduce"),
     "specs": (),
+    "paths": (),
     "positions": (),
     "reference": (),
     "tensors": (),
@@ -128,6 +129,8 @@ class Experiment:
     reference: Mapping[str, list[str]] | None = None
     options: Mapping[str, Any] = attrs.field(factory=dict)
     tensors: Mapping[str, Path] | None = None
+    #: The ``[[paths]]`` entries: :class:`~patchspec.paths.PathSpec` s, run after the specs.
+    paths: tuple[Any, ...] = ()
 
     @property
     def sweep(self) -> Sweep:
@@ -560,6 +563,45 @@ def _specs(section: Any, check: _Checker) -> tuple[AnySpec, ...]:
     return tuple(out)
 
 
+def _paths(section: Any, check: _Checker) -> tuple[Any, ...]:
+    """The ``[[paths]]`` entries: ``catalog = "PATH_HEAD_TO_HEAD_K"`` (optionally with
+    ``through`` and ``name``), or an inline path spec (``sender``, ``receiver``, ``through``,
+    ``name``, as :meth:`patchspec.paths.PathSpec.to_dict` writes)."""
+    import attrs as _attrs
+
+    from patchspec.paths import PathSpec
+
+    if not isinstance(section, list) or not section:
+        raise check.fail("[[paths]]", "must be written [[paths]] (two brackets), once per path spec")
+    out: list[Any] = []
+    for i, entry in enumerate(section):
+        where = f"[[paths]] entry {i + 1}"
+        entry = check.table(entry, where)
+        try:
+            if "catalog" in entry:
+                check.keys(entry, ("catalog", "through", "name"), where)
+                name = entry["catalog"]
+                if name not in catalog.PATHS:
+                    raise check.fail(
+                        f"{where} catalog",
+                        f"= {name!r} is not a catalogue path; valid: {', '.join(catalog.PATHS)}"
+                        f"{did_you_mean(str(name), catalog.PATHS)}",
+                    )
+                changes = {k: entry[k] for k in ("through", "name") if k in entry}
+                spec = _attrs.evolve(catalog.PATHS[name], **changes)
+            else:
+                spec = PathSpec.from_dict(entry)
+        except ExperimentError:
+            raise
+        except (PatchSpecError, TypeError, ValueError) as err:
+            raise check.fail(where, f"is not a valid path spec: {err}") from None
+        problem = unsafe_file_name(spec.label)
+        if problem:
+            raise check.fail(where, f"names its results {spec.label!r}, which {problem}")
+        out.append(spec)
+    return tuple(out)
+
+
 def _positions(
     section: Any, extra: Mapping[str, Any], n: int, check: _Checker
 ) -> dict[str, list[int]] | None:
@@ -779,7 +821,8 @@ def load_experiment(path: str | Path) -> Experiment:
     model = _model(required("model"), base, check)
     clean, corrupted, extra = _prompts(required("prompts"), base, check)
     metric = _metric(required("metric"), extra, len(clean), check)
-    specs = _specs(data.get("specs"), check)
+    paths = _paths(data["paths"], check) if "paths" in data else ()
+    specs = _specs(data.get("specs"), check) if "specs" in data or not paths else ()
     positions = _positions(data.get("positions"), extra, len(clean), check)
     reference = _reference(data.get("reference"), check)
     tensors = _tensors(data.get("tensors"), base, check)
@@ -794,6 +837,7 @@ def load_experiment(path: str | Path) -> Experiment:
     return Experiment(
         source, model, clean, corrupted, metric, specs, folder, plots, options.get("engine"),
         positions=positions, reference=reference, options=options, tensors=tensors,
+        paths=paths,
     )  # fmt: skip
 
 

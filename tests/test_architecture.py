@@ -11,7 +11,7 @@ import patchspec
 
 PACKAGE = Path(patchspec.__file__).parent
 #: Modules that must import neither torch nor TransformerLens at module level.
-LIGHT = ("spec", "sources", "layouts", "options", "errors", "catalog")
+LIGHT = ("spec", "sources", "layouts", "options", "errors", "catalog", "paths/spec")
 
 
 def _module(path: Path) -> str:

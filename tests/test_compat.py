@@ -40,7 +40,7 @@ def test_matches_transformer_lens(setup, name, engine):
 
 def test_every_function_of_transformer_lens_is_here():
     """Every public patching function of TransformerLens has a twin of the same name."""
-    wanted = [n for n in dir(tl) if n.startswith("get_act_patch") and not n.startswith("get_act_patch_direct")]
+    wanted = [n for n in dir(tl) if n.startswith("get_act_patch")]
     wanted += ["generic_activation_patch", "make_df_from_ranges", "PatchingResult"]
     wanted += [n for n in dir(tl) if n.endswith("_patch_setter")]
     missing = [n for n in wanted if not hasattr(compat, n)]
