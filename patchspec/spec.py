@@ -307,6 +307,8 @@ class _Combinable:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        estimator: str | Estimator | None = None,
+        ig_steps: int | None = None,
     ) -> xr.DataArray:
         """Sweep this spec and return a labelled ``xarray.DataArray``.
 
@@ -324,6 +326,8 @@ class _Combinable:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            estimator=estimator,
+            ig_steps=ig_steps,
         )
         (array,) = runner.run_specs(
             (self,),  # type: ignore[arg-type]
@@ -961,6 +965,8 @@ class Sweep:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        estimator: str | Estimator | None = None,
+        ig_steps: int | None = None,
     ) -> xr.Dataset:
         """Run every spec and return one Dataset with a data variable per spec.
 
@@ -990,6 +996,14 @@ class Sweep:
             max_memory: Memory budget of one batched pass (bytes, or ``"2GB"``).
             start_at_layer: Start each batched pass at its cells' first patched block.
             hash_weights: Record a full SHA-256 of the weights (default: a cheap fingerprint).
+            estimator: ``"exact"`` (default: exact patching, by ``engine``), ``"atp"``
+                (attribution patching: every cell estimated to first order from one forward and
+                one backward pass), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
+                point), or an :class:`~patchspec.execute.Estimator`. An estimate has the dims,
+                coordinates and attrs of the exact result, with ``attrs["exact"] = False``;
+                check its top cells with :func:`patchspec.verify`. See
+                :mod:`patchspec.attribution`.
+            ig_steps: Steps along the path for ``estimator="ig"`` (default 8).
 
         Returns:
             A Dataset whose variables are named after the specs; each has the spec's axes as
@@ -1010,6 +1024,8 @@ class Sweep:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            estimator=estimator,
+            ig_steps=ig_steps,
         )
         arrays = runner.run_specs(
             self.specs,
@@ -1041,6 +1057,8 @@ def run(
     max_memory: str | int | float | None = None,
     start_at_layer: bool = True,
     hash_weights: bool = False,
+    estimator: str | Estimator | None = None,
+    ig_steps: int | None = None,
 ) -> xr.DataArray:
     """Sweep one spec and return a labelled DataArray: ``spec.run(...)`` (see
     :meth:`Sweep.run` for the arguments)."""
@@ -1059,4 +1077,6 @@ def run(
         max_memory=max_memory,
         start_at_layer=start_at_layer,
         hash_weights=hash_weights,
+        estimator=estimator,
+        ig_steps=ig_steps,
     )
