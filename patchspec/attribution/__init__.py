@@ -34,7 +34,7 @@ def check_estimator(value: Any) -> None:
     Raises:
         OptionError: naming the value and the valid names (with a did-you-mean).
     """
-    if value is None or isinstance(value, Estimator) and not isinstance(value, str):
+    if value is None or (isinstance(value, Estimator) and not isinstance(value, str)):
         return
     if isinstance(value, str):
         if value in ESTIMATOR_NAMES:
@@ -73,7 +73,9 @@ def attribution_estimator(
     if estimator == "atp":
         return AtP(max_memory=max_memory)
     if estimator == "ig":
-        return IntegratedGradients(ig_steps=8 if ig_steps is None else ig_steps, max_memory=max_memory)
+        return IntegratedGradients(
+            ig_steps=8 if ig_steps is None else ig_steps, max_memory=max_memory
+        )
     return estimator  # type: ignore[no-any-return]
 
 

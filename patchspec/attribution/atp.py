@@ -125,7 +125,9 @@ class AtP:
         points = [gradient_point(task.adapter, a, layer) for a, layer in task.grid.sites]
         return metric_gradients(task, points)
 
-    def point_gradient(self, task: Task, activation: str, layer: int, source: Source, metric: int) -> torch.Tensor:
+    def point_gradient(
+        self, task: Task, activation: str, layer: int, source: Source, metric: int
+    ) -> torch.Tensor:
         """The gradient a write of ``source``'s values into ``activation`` is linearised with."""
         grads: Gradients = self._gradients(task)
         return grads.grads[metric][gradient_point(task.adapter, activation, layer)]
@@ -150,7 +152,9 @@ class AtP:
             task.memo["gradients"] = self.gradients(task)
         return task.memo["gradients"]  # type: ignore[no-any-return]
 
-    def product(self, task: Task, activation: str, layer: int, source: Source, metric: int) -> torch.Tensor:
+    def product(
+        self, task: Task, activation: str, layer: int, source: Source, metric: int
+    ) -> torch.Tensor:
         """``(source - receiving) * gradient`` at one write, ``[batch, ...]`` float32 (kept per task)."""
         key = ("product", activation, layer, _key(source), metric)
         if key not in task.memo:
@@ -189,4 +193,6 @@ class AtP:
 
 def point_names(task: Task) -> Sequence[str]:
     """The gradient points of every site of the task's grid (deduplicated, in order)."""
-    return list(dict.fromkeys(gradient_point(task.adapter, a, layer) for a, layer in task.grid.sites))
+    return list(
+        dict.fromkeys(gradient_point(task.adapter, a, layer) for a, layer in task.grid.sites)
+    )

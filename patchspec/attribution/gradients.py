@@ -23,7 +23,7 @@ from patchspec.errors import MetricError
 from patchspec.execute.hooks import FireCounter, Hook
 from patchspec.execute.protocols import Task
 from patchspec.layouts import layout
-from patchspec.metrics import Evaluator, MetricContext, _call, _as_value, _check_value
+from patchspec.metrics import Evaluator, MetricContext, _as_value, _call, _check_value
 
 #: Turns the activation a hook point produced into the tensor the model continues with (for
 #: integrated gradients: the interpolated activation).
@@ -65,7 +65,9 @@ def gradient_context(context: MetricContext) -> MetricContext:
             return t.clone()
 
     return attrs.evolve(
-        context, clean_logits=plain(context.clean_logits), corrupted_logits=plain(context.corrupted_logits)
+        context,
+        clean_logits=plain(context.clean_logits),
+        corrupted_logits=plain(context.corrupted_logits),
     )
 
 

@@ -31,7 +31,9 @@ from patchspec.results import BASELINE_KEYS
 from patchspec.spec import AnySpec
 
 #: What the ``exceed_share_upper`` attr is, recorded with it.
-STATISTIC = "one-sided Clopper-Pearson upper bound (exact binomial) on the share of unverified cells"
+STATISTIC = (
+    "one-sided Clopper-Pearson upper bound (exact binomial) on the share of unverified cells"
+)
 
 
 def _count(value: Any, name: str) -> int:
@@ -137,9 +139,15 @@ def verify(
     from patchspec.spec import as_specs, spec_from_dict
 
     top, random = _count(top, "top"), _count(random, "random")
-    if isinstance(confidence, bool) or not isinstance(confidence, float | int) or not 0 < confidence < 1:
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, float | int)
+        or not 0 < confidence < 1
+    ):
         raise OptionError(f"confidence must be a number between 0 and 1, got {confidence!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, int | float)
+    ):
         raise OptionError(f"threshold must be a number or None, got {threshold!r}")
     if not isinstance(estimate, xr.DataArray):
         raise InputError(
@@ -160,7 +168,13 @@ def verify(
     )
     with ModelAdapter.of(model).exclusive():
         run = runner.prepare(
-            model, clean, corrupted, metric, options=options, positions=positions, reference=reference
+            model,
+            clean,
+            corrupted,
+            metric,
+            options=options,
+            positions=positions,
+            reference=reference,
         )
         grid = run.add(compile(spec, run.sizes, positions=run.positions))
         n = len(grid.dims)
@@ -177,7 +191,9 @@ def verify(
         rng = np.random.default_rng(seed)
         drawn = np.sort(rng.choice(rest, size=min(random, len(rest)), replace=False))
         cells = np.concatenate([chosen_top, drawn]).astype(np.int64)
-        values, evaluate, clean_base, corrupted_base = runner.run_grid(run, grid, spec.label, cells=cells)
+        values, evaluate, clean_base, corrupted_base = runner.run_grid(
+            run, grid, spec.label, cells=cells
+        )
         exact = runner.label(run, spec, grid, values, evaluate, clean_base, corrupted_base)
     exact_scores = effect_scores(exact, n)
     if threshold is None:
