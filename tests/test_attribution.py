@@ -357,3 +357,44 @@ def test_an_estimator_object_is_accepted(gpt2):
     )
     big = catalog.MLP_NEURON_POST.run(gpt2, clean, corrupted, LD, estimator="atp", progress=False)
     np.testing.assert_allclose(small.values, big.values, rtol=1e-6, atol=1e-6)
+
+
+def test_experiment_files_and_the_cli_take_the_estimator(tmp_path):
+    """[run] estimator and --estimator give estimates; bad values fail before the model loads."""
+    from patchspec import attribution, cli
+    from patchspec.experiment import ExperimentError, load_experiment
+
+    assert cli.ESTIMATORS == attribution.ESTIMATOR_NAMES
+    text = """
+[model]
+path = "toy"
+
+[prompts]
+clean = ["milk cake sun milk cake"]
+corrupted = ["dog cake bus milk cake"]
+
+[metric]
+kind = "logit_diff"
+answer = "sun"
+wrong = "bus"
+
+[[specs]]
+catalog = "HEAD_OUT_BY_POS"
+
+[output]
+folder = "out"
+plots = false
+
+[run]
+estimator = "ig"
+ig_steps = 2
+"""
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    assert load_experiment(path).options == {"estimator": "ig", "ig_steps": 2}
+    path.write_text(text.replace('"ig"', '"atpp"'))
+    with pytest.raises(ExperimentError, match="unknown estimator 'atpp'"):
+        load_experiment(path)
+    path.write_text(text.replace("ig_steps = 2", "").replace('"ig"', '"exact"'))
+    ds = cli.run_experiment(path, progress=False, estimator="atp")
+    assert ds["head_out_by_pos"].attrs["estimator"] == "atp"
