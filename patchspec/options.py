@@ -145,7 +145,8 @@ class RunOptions:
         hash_weights: Record a full SHA-256 of the weights in provenance (default: a cheap
             fingerprint of names, shapes, dtypes and a sample of values).
         estimator: ``"exact"`` (default: exact patching by ``engine``), ``"atp"`` (attribution
-            patching, a first-order estimate of every cell from one gradient pass), ``"ig"``
+            patching, a first-order estimate of every cell from one gradient pass), ``"atp*"``
+            (AtP with the QK fix for query, key and score cells), ``"ig"``
             (integrated gradients along each hook point's path), or an estimator object (see
             :mod:`patchspec.attribution`).
         ig_steps: Steps along the path of ``estimator="ig"`` (default 8).

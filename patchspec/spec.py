@@ -998,7 +998,8 @@ class Sweep:
             hash_weights: Record a full SHA-256 of the weights (default: a cheap fingerprint).
             estimator: ``"exact"`` (default: exact patching, by ``engine``), ``"atp"``
                 (attribution patching: every cell estimated to first order from one forward and
-                one backward pass), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
+                one backward pass), ``"atp*"`` (AtP with the QK fix for query, key and score
+                cells), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
                 point), or an :class:`~patchspec.execute.Estimator`. An estimate has the dims,
                 coordinates and attrs of the exact result, with ``attrs["exact"] = False``;
                 check its top cells with :func:`patchspec.verify`. See

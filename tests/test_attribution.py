@@ -298,11 +298,7 @@ def test_verify_refuses_an_estimate_of_another_grid(gpt2):
     [
         (
             {"estimator": "atpp"},
-            "unknown estimator 'atpp'; valid estimators are exact, atp, ig .*did you mean 'atp'",
-        ),
-        (
-            {"estimator": "atp*"},
-            r"estimator 'atp\*' \(AtP\* \(the QK fix and GradDrop\)\) is not implemented yet",
+            r"unknown estimator 'atpp'; valid estimators are exact, atp, atp\*, ig .*did you mean 'atp'",
         ),
         ({"estimator": "ig", "ig_steps": 0}, "ig_steps must be a positive int or None, got 0"),
         (
@@ -398,3 +394,58 @@ ig_steps = 2
     path.write_text(text.replace("ig_steps = 2", "").replace('"ig"', '"exact"'))
     ds = cli.run_experiment(path, progress=False, estimator="atp")
     assert ds["head_out_by_pos"].attrs["estimator"] == "atp"
+
+
+@pytest.fixture(scope="module")
+def saturated(tmp_path_factory):
+    """The linear GPT-2 (identity final norm, last MLP silenced) with layer 1's query weights
+    scaled up 3000 times, so its attention softmax saturates."""
+    model = build("gpt2", tmp_path_factory.mktemp("saturated"))
+    object.__setattr__(model.ln_final, "forward", lambda x, *args, **kwargs: x)
+    with torch.no_grad():
+        for name, p in model.blocks[1].mlp.named_parameters():
+            if "c_proj" in name:
+                p.zero_()
+        for name, p in model.blocks[1].attn.named_parameters():
+            if name.startswith("q."):
+                p.mul_(3000.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        catalog.HEAD_Q_BY_POS.sel(layer=1),
+        catalog.HEAD_K_BY_POS.sel(layer=1),
+        catalog.HEAD_K.sel(layer=1),
+        ps.PatchSpec("attn_scores", axes=("layer", "head", "dest_pos"), restrictions={"layer": 1}),
+    ],
+    ids=lambda s: s.label,
+)
+def test_the_qk_fix_is_exact_from_the_pattern_on(saturated, spec):
+    """With the metric linear in the pattern, AtP* (pattern recomputed exactly) equals exact
+    patching, where plain AtP through the saturated softmax is off, sign included."""
+    clean, corrupted = prompts()
+    exact = effect(spec.run(saturated, clean, corrupted, LD_EACH, progress=False))
+    atp = effect(spec.run(saturated, clean, corrupted, LD_EACH, estimator="atp", progress=False))
+    star = spec.run(saturated, clean, corrupted, LD_EACH, estimator="atp*", progress=False)
+    assert star.attrs["estimator"] == "atp*" and star.attrs["exact"] is False
+    fixed = effect(star)
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(fixed, exact, rtol=0, atol=1e-3 * scale)
+    assert np.abs(atp - exact).max() > 0.1 * scale
+    seen = np.abs(exact) > 1e-3 * scale
+    assert (np.sign(atp) != np.sign(exact))[seen].any()
+    assert (np.sign(fixed) == np.sign(exact))[seen].all()
+
+
+def test_the_qk_fix_refuses_rotary_models(qwen2):
+    """On a rotary model scores are not q . k at the hooks: atp* says so instead of guessing."""
+    clean, corrupted = prompts()
+    with pytest.raises(ps.InputError, match="rotary position embeddings"):
+        catalog.HEAD_Q_BY_POS.run(qwen2, clean, corrupted, LD, estimator="atp*", progress=False)
+    plain = catalog.HEAD_OUT_BY_POS.run(qwen2, clean, corrupted, LD, progress=False)
+    star = catalog.HEAD_OUT_BY_POS.run(
+        qwen2, clean, corrupted, LD, estimator="atp*", progress=False
+    )
+    assert star.dims == plain.dims  # cells without q, k or scores are plain AtP, on any model

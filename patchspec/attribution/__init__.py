@@ -5,6 +5,8 @@ exact verification.
   metric, gradients at every hook point a grid writes, for every example at once;
 * :mod:`~patchspec.attribution.atp`: :class:`AtP`, attribution patching (Nanda 2023; Kramar et
   al. 2024) on the batched engine's masks;
+* :mod:`~patchspec.attribution.qk`: :class:`AtPStar`, AtP with the QK fix for query, key and
+  score cells (``estimator="atp*"``; GradDrop is not implemented);
 * :mod:`~patchspec.attribution.ig`: :class:`IntegratedGradients` along each hook point's path;
 * :mod:`~patchspec.attribution.verify`: :func:`verify`, exact patching of an estimate's top
   cells and a random sample, with an upper confidence bound on what the estimate missed.
@@ -19,13 +21,12 @@ from typing import Any
 
 from patchspec.attribution.atp import AtP, contract
 from patchspec.attribution.ig import IntegratedGradients
+from patchspec.attribution.qk import AtPStar
 from patchspec.errors import OptionError, did_you_mean
 from patchspec.execute.protocols import Estimator
 
 #: The names ``estimator=`` takes: ``"exact"`` runs the exact engine ``engine=`` names.
-ESTIMATOR_NAMES = ("exact", "atp", "ig")
-#: Named, but not built yet.
-PLANNED = {"atp*": "AtP* (the QK fix and GradDrop)"}
+ESTIMATOR_NAMES = ("exact", "atp", "atp*", "ig")
 
 
 def check_estimator(value: Any) -> None:
@@ -39,11 +40,6 @@ def check_estimator(value: Any) -> None:
     if isinstance(value, str):
         if value in ESTIMATOR_NAMES:
             return
-        if value in PLANNED:
-            raise OptionError(
-                f"estimator {value!r} ({PLANNED[value]}) is not implemented yet; valid "
-                f"estimators are {', '.join(ESTIMATOR_NAMES)}"
-            )
         raise OptionError(
             f"unknown estimator {value!r}; valid estimators are {', '.join(ESTIMATOR_NAMES)} or "
             f"an Estimator object{did_you_mean(value, ESTIMATOR_NAMES)}"
@@ -72,6 +68,8 @@ def attribution_estimator(
         return None
     if estimator == "atp":
         return AtP(max_memory=max_memory)
+    if estimator == "atp*":
+        return AtPStar(max_memory=max_memory)
     if estimator == "ig":
         return IntegratedGradients(
             ig_steps=8 if ig_steps is None else ig_steps, max_memory=max_memory
@@ -90,6 +88,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ESTIMATOR_NAMES",
     "AtP",
+    "AtPStar",
     "IntegratedGradients",
     "attribution_estimator",
     "check_estimator",

@@ -141,9 +141,7 @@ class AtP:
         """
         check_differentiable(task)
         budget = DEFAULT_MEMORY if self.max_memory is None else parse_memory(self.max_memory)
-        sizes = task.grid.sizes
-        elements = max((_elements(a, sizes) for a, _layer in task.grid.sites), default=1)
-        limit = max(1, budget // (4 * sizes.batch * elements))
+        limit = max(1, budget // (4 * task.grid.sizes.batch * self.cell_elements(task)))
         cells = task.cells
         return [Chunk(cells[i : i + limit]) for i in range(0, len(cells), limit)]
 
@@ -165,6 +163,17 @@ class AtP:
             task.memo[key] = (new - old) * grad
         return task.memo[key]  # type: ignore[no-any-return]
 
+    def write_delta(
+        self, task: Task, activation: str, layer: int, source: Source, mask: Mask, metric: int
+    ) -> torch.Tensor:
+        """``[K, batch]``: the first-order change of metric ``metric`` from one write."""
+        return contract(mask, self.product(task, activation, layer, source, metric))
+
+    def cell_elements(self, task: Task) -> int:
+        """The most float32 values one cell's contraction touches (per example)."""
+        sizes = task.grid.sizes
+        return max((_elements(a, sizes) for a, _layer in task.grid.sites), default=1)
+
     def estimate(self, task: Task, chunk: Chunk) -> torch.Tensor:
         """The estimates of one chunk's cells: the receiving run's metric plus the first-order
         change, ``[cells]``, ``[cells, example]``, ``[cells, metric]`` or ``[cells, metric,
@@ -182,8 +191,8 @@ class AtP:
         for m, value in enumerate(grads.values):
             delta = torch.zeros((len(chunk), task.grid.sizes.batch), device=device)
             for activation, layer, source, mask in writes:
-                product = self.product(task, activation, layer, source, m)
-                delta = delta + contract(mask, product).to(delta.device)
+                change = self.write_delta(task, activation, layer, source, mask, m)
+                delta = delta + change.to(delta.device)
             value = value.to(device)
             out.append(value + (delta.sum(1) if value.ndim == 0 else delta))
         if not task.evaluate.stacked:

@@ -48,10 +48,12 @@ class Gradients:
     Attributes:
         grads: ``grads[m][hook_name]``: ``[batch, ...]`` gradient of metric ``m`` (float32).
         values: ``values[m]``: the metric's value on the pass (``[]`` or ``[batch]``, float32).
+        activations: The activation at each hook point of the pass (detached).
     """
 
     grads: tuple[Mapping[str, torch.Tensor], ...]
     values: tuple[torch.Tensor, ...]
+    activations: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
 
 
 def gradient_context(context: MetricContext) -> MetricContext:
@@ -173,4 +175,4 @@ def metric_gradients(
         _check_value(v.detach(), batch, m.name, "the gradient pass")
         for m, v in zip(task.evaluate.metrics, values, strict=True)
     )
-    return Gradients(tuple(grads), checked)
+    return Gradients(tuple(grads), checked, {k: v.detach() for k, v in kept.items()})
