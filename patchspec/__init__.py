@@ -28,6 +28,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on first use
     from patchspec import accessor, batched, catalog, metrics, sources, stats
+    from patchspec.attribution.verify import verify
     from patchspec.errors import (
         HookError,
         InputError,
@@ -80,6 +81,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
         n: ("patchspec.execute", n)
         for n in ("Chunk", "Estimator", "Executor", "Task", "register_estimator", "register_executor")
     },
+    "verify": ("patchspec.attribution.verify", "verify"),
     "load": ("patchspec.io", "load"),
     "save": ("patchspec.io", "save"),
     "LAYOUTS": ("patchspec.layouts", "LAYOUTS"),
@@ -142,6 +144,7 @@ __all__ = [
     "spec_from_dict",
     "stats",
     "tracing",
+    "verify",
 ]
 
 

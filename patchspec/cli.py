@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 #: The built-in engines (``patchspec.execute.registry.ESTIMATORS``), named here so that
 #: ``--help`` needs no torch; a test keeps the two in step.
 ENGINES = ("batched", "reference")
+#: The built-in estimators (``patchspec.attribution.ESTIMATOR_NAMES``), likewise.
+ESTIMATORS = ("exact", "atp", "atp*", "ig")
 
 #: The catalogue specs the demo sweeps, by name (see :func:`demo_specs`).
 DEMO_SPEC_NAMES = (
@@ -290,6 +292,7 @@ def run_experiment(
     device: str | None = None,
     engine: str | None = None,
     plots: bool | None = None,
+    estimator: str | None = None,
 ) -> xr.Dataset:
     """Run an experiment file end to end, print its baselines and top cells; return the results.
 
@@ -300,6 +303,8 @@ def run_experiment(
         device: The device instead of ``[model] device``.
         engine: The engine instead of ``[run] engine``.
         plots: Instead of ``[output] plots``.
+        estimator: The estimator instead of ``[run] estimator`` (``"atp"``: attribution
+            patching, see :mod:`patchspec.attribution`).
 
     Raises:
         ExperimentError: the file is malformed or the model cannot be loaded.
@@ -315,6 +320,8 @@ def run_experiment(
     options = dict(experiment.options)
     if engine is not None:
         options["engine"] = engine
+    if estimator is not None:
+        options["estimator"] = estimator
     folder = experiment.folder if out is None else out
     if folder.exists() and not folder.is_dir():
         raise InputError(f"output folder {str(folder)!r} exists and is not a folder")
@@ -422,6 +429,13 @@ def parser() -> argparse.ArgumentParser:
         "model loads. See docs/cli.md for the format.",
     )
     r.add_argument("experiment", type=Path, metavar="EXPERIMENT.toml")
+    r.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        help="exact (default: patch every cell) or an estimate of every cell from a few passes: "
+        "atp (attribution patching), atp* (AtP with the QK fix) or ig (integrated gradients); see "
+        "docs/attribution.md",
+    )
     common(r, "output folder (default: [output] folder of the file)")
     return top
 
@@ -446,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device=args.device,
                 engine=args.engine,
                 plots=False if args.no_plots else None,
+                estimator=args.estimator,
             )
     except (PatchSpecError, OSError) as err:
         message = " ".join(str(err).split())

@@ -78,7 +78,15 @@ KEYS: dict[str, tuple[str, ...]] = {
     "reference": (),
     "tensors": (),
     "output": ("folder", "plots"),
-    "run": ("engine", "cells_per_batch", "max_memory", "start_at_layer", "hash_weights"),
+    "run": (
+        "engine",
+        "cells_per_batch",
+        "max_memory",
+        "start_at_layer",
+        "hash_weights",
+        "estimator",
+        "ig_steps",
+    ),
 }
 SECTIONS = set(KEYS)
 #: The keys of a line of a JSON-lines prompts file.
@@ -738,7 +746,7 @@ def _run(section: Any, check: _Checker) -> dict[str, Any]:
         where = f"[run] {key}"
         if key in ("start_at_layer", "hash_weights"):
             options[key] = check.flag(value, where)
-        elif key == "cells_per_batch":
+        elif key in ("cells_per_batch", "ig_steps"):
             options[key] = check.integer(value, where)
         elif key == "max_memory":
             if isinstance(value, bool) or not isinstance(value, int | str):

@@ -566,7 +566,8 @@ def _token_ids(model: Any, tokens: TokenLike | TokenEntry, batch: int, what: str
 def _ids(model: Any, entry: TokenEntry, batch: int, what: str, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
     key = (id(model), batch)
     if key not in memo:
-        memo[key] = _token_ids(model, entry, batch, what)
+        with torch.inference_mode(False):  # kept across passes: usable by gradient passes too
+            memo[key] = _token_ids(model, entry, batch, what)
     return memo[key]
 
 

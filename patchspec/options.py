@@ -114,6 +114,12 @@ def _engine(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         estimator_factory(value)
 
 
+def _estimator(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from patchspec.attribution import check_estimator
+
+    check_estimator(value)
+
+
 def _executor(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     from patchspec.execute.registry import executor_for
 
@@ -138,6 +144,12 @@ class RunOptions:
         start_at_layer: Start each batched pass at its cells' first patched block.
         hash_weights: Record a full SHA-256 of the weights in provenance (default: a cheap
             fingerprint of names, shapes, dtypes and a sample of values).
+        estimator: ``"exact"`` (default: exact patching by ``engine``), ``"atp"`` (attribution
+            patching, a first-order estimate of every cell from one gradient pass), ``"atp*"``
+            (AtP with the QK fix for query, key and score cells), ``"ig"``
+            (integrated gradients along each hook point's path), or an estimator object (see
+            :mod:`patchspec.attribution`).
+        ig_steps: Steps along the path of ``estimator="ig"`` (default 8).
 
     Example:
         >>> RunOptions(max_memory="2GB").max_memory
@@ -155,6 +167,30 @@ class RunOptions:
     max_memory: str | int | float | None = attrs.field(default=None, validator=optional_memory)
     start_at_layer: bool = attrs.field(default=True, validator=flag)
     hash_weights: bool = attrs.field(default=False, validator=flag)
+    estimator: Any = attrs.field(default=None, validator=_estimator)
+    ig_steps: int | None = attrs.field(default=None, converter=as_int, validator=optional_count)
+
+    def __attrs_post_init__(self) -> None:
+        if self.estimator is None or self.estimator == "exact":
+            if self.ig_steps is not None:
+                raise OptionError(
+                    f"ig_steps={self.ig_steps!r} sets the steps of estimator='ig', but estimator "
+                    f"is {self.estimator or 'exact'!r}"
+                )
+            return
+        if self.engine is not None:
+            raise OptionError(
+                f"engine={self.engine!r} chooses the exact engine, but estimator="
+                f"{self.estimator!r} runs none; leave engine unset or use estimator='exact'"
+            )
+        if self.batching.keys() - {"max_memory"}:
+            raise OptionError(
+                f"options {sorted(self.batching.keys() - {'max_memory'})} configure the exact "
+                f"batched engine, which estimator={self.estimator!r} does not run"
+            )
+        from patchspec.attribution import attribution_estimator
+
+        attribution_estimator(self.estimator, ig_steps=self.ig_steps)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> RunOptions:

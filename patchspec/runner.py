@@ -28,6 +28,7 @@ import torch
 import xarray as xr
 
 import patchspec.accessor  # noqa: F401  (registers the .patch accessor of the results made here)
+from patchspec.attribution import attribution_estimator
 from patchspec.errors import InputError, MetricError, SpecError
 from patchspec.execute.protocols import Estimator, Executor, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
@@ -187,7 +188,9 @@ def prepare(
     adapter = ModelAdapter.of(model)
     adapter.check_eval_mode()
     metric_list, metric_dim = as_metrics(metric)
-    estimator = make_estimator(options.engine, options.batching)
+    estimator = attribution_estimator(
+        options.estimator, ig_steps=options.ig_steps, max_memory=options.max_memory
+    ) or make_estimator(options.engine, options.batching)
     executor = executor_for(options.executor)
     session = Session(
         adapter, clean, corrupted, reference=reference, clean_cache=clean_cache, tensors=tensors

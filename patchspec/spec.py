@@ -308,6 +308,8 @@ class _Combinable:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        estimator: str | Estimator | None = None,
+        ig_steps: int | None = None,
     ) -> xr.DataArray:
         """Sweep this spec and return a labelled ``xarray.DataArray``.
 
@@ -325,6 +327,8 @@ class _Combinable:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            estimator=estimator,
+            ig_steps=ig_steps,
         )
         (array,) = runner.run_specs(
             (self,),  # type: ignore[arg-type]
@@ -1007,6 +1011,8 @@ class Sweep:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        estimator: str | Estimator | None = None,
+        ig_steps: int | None = None,
     ) -> xr.Dataset:
         """Run every spec and return one Dataset with a data variable per spec.
 
@@ -1041,6 +1047,15 @@ class Sweep:
             max_memory: Memory budget of one batched pass (bytes, or ``"2GB"``).
             start_at_layer: Start each batched pass at its cells' first patched block.
             hash_weights: Record a full SHA-256 of the weights (default: a cheap fingerprint).
+            estimator: ``"exact"`` (default: exact patching, by ``engine``), ``"atp"``
+                (attribution patching: every cell estimated to first order from one forward and
+                one backward pass), ``"atp*"`` (AtP with the QK fix for query, key and score
+                cells), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
+                point), or an :class:`~patchspec.execute.Estimator`. An estimate has the dims,
+                coordinates and attrs of the exact result, with ``attrs["exact"] = False``;
+                check its top cells with :func:`patchspec.verify`. See
+                :mod:`patchspec.attribution`.
+            ig_steps: Steps along the path for ``estimator="ig"`` (default 8).
 
         Returns:
             A Dataset whose variables are named after the specs; each has the spec's axes as
@@ -1061,6 +1076,8 @@ class Sweep:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            estimator=estimator,
+            ig_steps=ig_steps,
         )
         arrays = runner.run_specs(
             self.specs,
@@ -1094,6 +1111,8 @@ def run(
     max_memory: str | int | float | None = None,
     start_at_layer: bool = True,
     hash_weights: bool = False,
+    estimator: str | Estimator | None = None,
+    ig_steps: int | None = None,
 ) -> xr.DataArray:
     """Sweep one spec and return a labelled DataArray: ``spec.run(...)`` (see
     :meth:`Sweep.run` for the arguments)."""
@@ -1113,4 +1132,6 @@ def run(
         max_memory=max_memory,
         start_at_layer=start_at_layer,
         hash_weights=hash_weights,
+        estimator=estimator,
+        ig_steps=ig_steps,
     )
