@@ -92,6 +92,28 @@ def test_direction_and_ablations_follow_the_source(linear, source):
     np.testing.assert_allclose(atp.values, exact.values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+@pytest.mark.parametrize(
+    "source",
+    [ps.Subspace("B", strength=0.7), ps.Add("d", coef=2.0), ps.Subspace("B", donor="corrupted")],
+    ids=lambda s: f"{s.kind}-{s.receiver}",
+)
+def test_functional_sources_are_linearised_at_what_they_write(linear, kind, source):
+    """Subspace and Add write a function of the receiving activation: AtP linearises that
+    written value (not the raw donor), so it is still exact where the metric is linear."""
+    model = linear[kind, "attention"]
+    clean, corrupted = prompts(n=3)
+    width = model.cfg.d_model
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"B": torch.randn(width, 3, generator=generator), "d": torch.randn(width, generator=generator)}
+    spec = attrs.evolve(catalog.RESID_MID.sel(layer=1), source=source)
+    exact = spec.run(model, clean, corrupted, LD, tensors=tensors, progress=False)
+    atp = spec.run(model, clean, corrupted, LD, tensors=tensors, estimator="atp", progress=False)
+    assert atp.attrs["tensors"] == exact.attrs["tensors"]
+    assert np.abs(effect(exact)).max() > 1e-4  # the patch does something
+    np.testing.assert_allclose(atp.values, exact.values, rtol=1e-5, atol=1e-5)
+
+
 def test_attrs_and_coords_match_the_exact_result(gpt2):
     """Same dims, coords and attrs as the exact result, but estimator and exact."""
     clean, corrupted = prompts()

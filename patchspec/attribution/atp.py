@@ -39,7 +39,7 @@ from patchspec.attribution.gradients import (
     gradient_point,
     metric_gradients,
 )
-from patchspec.execute.batched import chunk_writes, source_values
+from patchspec.execute.batched import chunk_writes, source_combine, source_values
 from patchspec.execute.masks import Mask
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.layouts import layout
@@ -90,6 +90,18 @@ def contract(mask: Mask, product: torch.Tensor) -> torch.Tensor:
     else:
         out = product.reshape(batch, -1).sum(-1).expand(copies, batch)
     return out * mask.active.to(out.dtype)[:, None]
+
+
+def written_values(task: Task, source: Source, hook_name: str) -> torch.Tensor:
+    """What a write of ``source`` puts at ``hook_name`` of the unpatched receiving run, the
+    activation's full shape: its values, or for a functional source (``Subspace``, ``Add``,
+    ``SAELatent``: :meth:`~patchspec.sources.Source.combine`) their combination with the
+    receiving activation, as the exact engines compute it."""
+    values = source_values(task, source, hook_name)
+    combine = source_combine(task, source, hook_name)
+    if combine is None:
+        return values
+    return combine(task.session.activation(task.grid.receiver, hook_name), values)
 
 
 def _key(source: Source) -> Hashable:
@@ -157,7 +169,7 @@ class AtP:
         key = ("product", activation, layer, _key(source), metric)
         if key not in task.memo:
             hook_name = task.adapter.hook_name(activation, layer)
-            new = source_values(task, source, hook_name).float()
+            new = written_values(task, source, hook_name).float()
             old = task.session.activation(task.grid.receiver, hook_name).float()
             grad = self.point_gradient(task, activation, layer, source, metric)
             task.memo[key] = (new - old) * grad

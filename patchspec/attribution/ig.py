@@ -22,10 +22,9 @@ from typing import ClassVar
 import attrs
 import torch
 
-from patchspec.attribution.atp import AtP, _key
+from patchspec.attribution.atp import AtP, _key, written_values
 from patchspec.attribution.gradients import Gradients, gradient_point, metric_gradients
 from patchspec.errors import OptionError
-from patchspec.execute.batched import source_values
 from patchspec.execute.protocols import Task
 from patchspec.sources import Source
 
@@ -62,7 +61,7 @@ class IntegratedGradients(AtP):
         key = ("ig", point, _key(source))
         if key not in task.memo:
             hook_name = task.adapter.hook_name(activation, layer)
-            new = source_values(task, source, hook_name)
+            new = written_values(task, source, hook_name)
             old = task.session.activation(task.grid.receiver, hook_name)
             diff = (new.float() - old.float()).detach()
             total: list[torch.Tensor] | None = None

@@ -31,10 +31,9 @@ import attrs
 import einops
 import torch
 
-from patchspec.attribution.atp import AtP
+from patchspec.attribution.atp import AtP, written_values
 from patchspec.attribution.gradients import Gradients, gradient_point, metric_gradients
 from patchspec.errors import InputError
-from patchspec.execute.batched import source_values
 from patchspec.execute.masks import Mask
 from patchspec.execute.protocols import Task
 from patchspec.sources import Source
@@ -117,7 +116,7 @@ class AtPStar(AtP):
             return AtP.write_delta(self, task, activation, layer, source, mask, metric)
         q, k, scores, pattern = self._layer(task, layer)
         hook_name = task.adapter.hook_name(activation, layer)
-        new = source_values(task, source, hook_name).float()
+        new = written_values(task, source, hook_name).float()
         old = task.session.activation(task.grid.receiver, hook_name).float()
         change = mask.dense().to(new.dtype) * (new - old)  # [K, batch, ...]
         scale = _scale(task.adapter.cfg)
