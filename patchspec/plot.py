@@ -517,7 +517,7 @@ def plot(
         image,
         ax=[a for row_axes in axes for a in row_axes],
         label=_colour_label(data),
-        shrink=1.0 if fig.get_figheight() <= 4 else max(0.4, min(0.9, 6.0 / fig.get_figheight())),
+        shrink=1.0 if fig.figure.get_figheight() <= 4 else max(0.4, min(0.9, 6.0 / fig.figure.get_figheight())),
         extendfrac=0.04,
         extend=extend,
     )
@@ -548,6 +548,80 @@ def _ticks(ax: Any, axis: str, panel: xr.DataArray, dim: str, inches: float = 6.
     else:
         ax.set_yticks(ticks, shown, fontsize=8)
         ax.set_ylabel(dim)
+
+
+def plot_agreement(
+    exact: xr.DataArray,
+    estimate: xr.DataArray,
+    path: str | Path | None = None,
+    *,
+    title: str | None = None,
+    figsize: tuple[float, float] = (14.0, 7.0),
+    dpi: int = 100,
+) -> Figure:
+    """Draw an estimate beside the exact result of the same grid, and how well they agree.
+
+    The exact effect above the estimated effect, as heatmaps on one colour scale, and beside
+    them a scatter of estimate against exact (one dot per cell, averaged over examples) with the
+    line ``y = x`` and their Pearson and Spearman correlations (``scipy.stats``).
+
+    Args:
+        exact: A raw result of ``spec.run(...)`` (exact; 1-2 dims once averaged over examples).
+        estimate: The same spec's result with ``estimator="atp"`` (or any other estimator).
+        path: Where to save the figure.
+        title: Figure title (default: the spec, the estimator and the correlations).
+        figsize: Figure size in inches.
+        dpi: Resolution of the saved file.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Raises:
+        InputError: the two results are not on the same grid.
+
+    Example:
+        >>> grid = {"dims": ("layer", "head"), "attrs": {"clean_baseline": 1.0, "corrupted_baseline": 0.0}}
+        >>> exact = xr.DataArray([[0.1, 0.9], [0.2, 0.0]], **grid)
+        >>> atp = xr.DataArray([[0.2, 0.8], [0.1, 0.0]], **grid).assign_attrs(estimator="atp")
+        >>> fig = plot_agreement(exact, atp)
+        >>> len(fig.axes[-1].collections[0].get_offsets())  # one dot per cell in the scatter
+        4
+    """
+    from matplotlib.figure import Figure
+    from scipy import stats
+
+    if exact.dims != estimate.dims or exact.shape != estimate.shape:
+        raise InputError(
+            f"the exact result {dict(exact.sizes)} and the estimate {dict(estimate.sizes)} are "
+            "not on the same grid; run the same spec with both estimators"
+        )
+    effects = [r.patch.effect() for r in (exact, estimate)]
+    effects = [e.mean("example") if "example" in e.dims else e for e in effects]
+    x, y = (np.asarray(e.values, dtype=float).ravel() for e in effects)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    vmax = float(max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0))) or 1.0
+    name = str(estimate.attrs.get("estimator", "estimate"))
+    fig = Figure(figsize=figsize, layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[2.6, 1])
+    heatmaps = left.subfigures(2, 1)
+    for panel, data, label in ((heatmaps[0], effects[0], "exact"), (heatmaps[1], effects[1], name)):
+        formula = data.attrs.get("formula", "effect")
+        plot(data, fig=panel, vmax=vmax, reduce=None, title=f"{label}: {formula}")
+    scatter = right.subplots()
+    scatter.scatter(x, y, s=12, alpha=0.7)
+    scatter.plot([-vmax, vmax], [-vmax, vmax], color="grey", linestyle="--", linewidth=1)
+    scatter.set_xlabel("exact effect")
+    scatter.set_ylabel(f"{name} effect")
+    varied = x.size > 2 and bool(x.std()) and bool(y.std())
+    pearson = float(stats.pearsonr(x, y)[0]) if varied else float("nan")
+    spearman = float(stats.spearmanr(x, y)[0]) if varied else float("nan")
+    scatter.set_title(f"Pearson {pearson:.3f}, Spearman {spearman:.3f}", fontsize="medium")
+    spec = exact.attrs.get("spec_name", exact.name)
+    fig.suptitle(title or f"{spec}: {name} beside exact patching ({x.size} cells)")
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+    return fig
 
 
 def plot_intervals(
