@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import os
 import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -114,6 +115,13 @@ def _engine(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
         estimator_factory(value)
 
 
+def _store(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise OptionError(
+            f"store must be a path (a str or os.PathLike) of a zarr store, or None, got {value!r}"
+        )
+
+
 def _executor(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     from patchspec.execute.registry import executor_for
 
@@ -129,8 +137,9 @@ class RunOptions:
         engine: The estimator: ``"batched"`` (default, exact, many cells per forward pass),
             ``"reference"`` (exact, one plain forward pass per cell), a registered name, or an
             :class:`~patchspec.execute.Estimator` object.
-        executor: Where chunks run: ``"local"`` (default) or an
-            :class:`~patchspec.execute.Executor` object.
+        executor: Where chunks run: ``"local"`` (default), an
+            :class:`~patchspec.execute.Executor` object, or a ``dask.distributed.Client``
+            (see :mod:`patchspec.execute.distributed`).
         progress: Show a progress bar (default: for sweeps of 64 cells or more, on a terminal).
         cells_per_batch: Cells per forward pass of the batched engine (default: from memory).
         max_memory: Memory budget of one batched pass, bytes or ``"2GB"`` (default: half the
@@ -138,6 +147,9 @@ class RunOptions:
         start_at_layer: Start each batched pass at its cells' first patched block.
         hash_weights: Record a full SHA-256 of the weights in provenance (default: a cheap
             fingerprint of names, shapes, dtypes and a sample of values).
+        store: A zarr path that makes the sweep resumable: each finished chunk is written to
+            it, and a rerun with the same store computes only the chunks not yet there (see
+            :mod:`patchspec.execute.store`).
 
     Example:
         >>> RunOptions(max_memory="2GB").max_memory
@@ -155,6 +167,7 @@ class RunOptions:
     max_memory: str | int | float | None = attrs.field(default=None, validator=optional_memory)
     start_at_layer: bool = attrs.field(default=True, validator=flag)
     hash_weights: bool = attrs.field(default=False, validator=flag)
+    store: str | os.PathLike[str] | None = attrs.field(default=None, validator=_store)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> RunOptions:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import os
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -307,6 +308,7 @@ class _Combinable:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        store: str | os.PathLike[str] | None = None,
     ) -> xr.DataArray:
         """Sweep this spec and return a labelled ``xarray.DataArray``.
 
@@ -324,6 +326,7 @@ class _Combinable:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            store=store,
         )
         (array,) = runner.run_specs(
             (self,),  # type: ignore[arg-type]
@@ -961,6 +964,7 @@ class Sweep:
         max_memory: str | int | float | None = None,
         start_at_layer: bool = True,
         hash_weights: bool = False,
+        store: str | os.PathLike[str] | None = None,
     ) -> xr.Dataset:
         """Run every spec and return one Dataset with a data variable per spec.
 
@@ -983,13 +987,18 @@ class Sweep:
                 :func:`patchspec.plan.resolve_positions`.
             reference: Prompts or tokens of a reference dataset for ``Mean(over="reference")``,
                 or ``{name: prompts}`` for ``Mean(over=name)``.
-            executor: Where chunks of cells run: ``"local"`` (default) or an
-                :class:`~patchspec.execute.Executor`.
+            executor: Where chunks of cells run: ``"local"`` (default), an
+                :class:`~patchspec.execute.Executor`, or a ``dask.distributed.Client`` (or a
+                :class:`~patchspec.execute.distributed.DaskExecutor` around one) to run them
+                on a cluster's workers.
             cells_per_batch: Cells per forward pass of the batched engine (default: from the
                 memory budget).
             max_memory: Memory budget of one batched pass (bytes, or ``"2GB"``).
             start_at_layer: Start each batched pass at its cells' first patched block.
             hash_weights: Record a full SHA-256 of the weights (default: a cheap fingerprint).
+            store: A zarr path that makes the sweep resumable: each finished chunk is written
+                there as it arrives, and a rerun with the same store (same specs, model and
+                inputs, else an error before any pass) computes only the chunks not yet in it.
 
         Returns:
             A Dataset whose variables are named after the specs; each has the spec's axes as
@@ -1010,6 +1019,7 @@ class Sweep:
             max_memory=max_memory,
             start_at_layer=start_at_layer,
             hash_weights=hash_weights,
+            store=store,
         )
         arrays = runner.run_specs(
             self.specs,
@@ -1041,6 +1051,7 @@ def run(
     max_memory: str | int | float | None = None,
     start_at_layer: bool = True,
     hash_weights: bool = False,
+    store: str | os.PathLike[str] | None = None,
 ) -> xr.DataArray:
     """Sweep one spec and return a labelled DataArray: ``spec.run(...)`` (see
     :meth:`Sweep.run` for the arguments)."""
@@ -1059,4 +1070,5 @@ def run(
         max_memory=max_memory,
         start_at_layer=start_at_layer,
         hash_weights=hash_weights,
+        store=store,
     )

@@ -70,7 +70,10 @@ class LocalExecutor:
                     pending[:0] = chunk.split()
                     continue
                 parts.append((chunk, values))
+                if task.on_chunk is not None:
+                    task.on_chunk(chunk, values)
                 shown.update(len(chunk))
+                shown.chunks(task.label, len(parts), len(parts) + len(pending))
         if not parts:
             return torch.empty(0)
         order = torch.as_tensor(
