@@ -59,6 +59,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     **{
         n: ("patchspec.errors", n)
         for n in (
+            "ExecutorError",
             "HookError",
             "InputError",
             "MetricError",
@@ -72,6 +73,8 @@ _LAZY: dict[str, str | tuple[str, str]] = {
         n: ("patchspec.execute", n)
         for n in ("Chunk", "Estimator", "Executor", "Task", "register_estimator", "register_executor")
     },
+    "DaskExecutor": ("patchspec.execute.distributed", "DaskExecutor"),
+    "ModelSource": ("patchspec.execute.distributed", "ModelSource"),
     "load": ("patchspec.io", "load"),
     "save": ("patchspec.io", "save"),
     "LAYOUTS": ("patchspec.layouts", "LAYOUTS"),
@@ -92,8 +95,10 @@ __all__ = [
     "Chunk",
     "Clean",
     "Corrupted",
+    "DaskExecutor",
     "Estimator",
     "Executor",
+    "ExecutorError",
     "Gaussian",
     "HookError",
     "InputError",
@@ -102,6 +107,7 @@ __all__ = [
     "Mean",
     "MetricError",
     "ModelAdapter",
+    "ModelSource",
     "OptionError",
     "PatchSpec",
     "PatchSpecError",
