@@ -5,7 +5,7 @@ A medium GPT-2 (random weights, seed 0: 6 layers, 8 heads, d_model 256, vocab 2,
 head-by-position sweep (``catalog.HEAD_OUT_BY_POS``: layers x positions x heads cells) over
 prompts of growing length, timed three ways in one process:
 
-* ``local``: the local executor, torch on 2 threads;
+* ``local``: the local executor, torch on 2 threads (and on 1 thread, as a worker has);
 * ``dask1`` / ``dask2``: a ``LocalCluster`` of 1 or 2 worker processes of 1 thread each (Dask's
   nanny gives each worker 1 torch thread). Each cluster's first sweep (worker start, model load)
   is not timed; every timed sweep still pays for the workers rebuilding the run (session,
@@ -69,7 +69,7 @@ def main() -> None:
 
     spec = catalog.HEAD_OUT_BY_POS
     inputs = {n: prompts(n) for n in lengths}
-    rows: dict[str, dict[int, float]] = {"local": {}, "dask1": {}, "dask2": {}}
+    rows: dict[str, dict[int, float]] = {"local": {}, "local1": {}, "dask1": {}, "dask2": {}}
     cells: dict[int, int] = {}
     expected = {}
     torch.set_num_threads(2)
@@ -79,6 +79,8 @@ def main() -> None:
     # overhead per chunk: one cell per chunk, local on 1 thread against one 1-thread worker
     small_clean, small_corrupted = inputs[lengths[0]]
     torch.set_num_threads(1)
+    for n, (clean, corrupted) in inputs.items():
+        rows["local1"][n], _ = best(lambda c=clean, k=corrupted: spec.run(model, c, k, metric), args.repeat)
     local1, one_per_chunk = best(
         lambda: spec.run(model, small_clean, small_corrupted, metric, cells_per_batch=1), args.repeat
     )
@@ -99,15 +101,15 @@ def main() -> None:
         try:
             for n, (clean, corrupted) in inputs.items():
                 seconds, result = best(
-                    lambda c=clean, k=corrupted: spec.run(model, c, k, metric, executor=client),
+                    lambda c=clean, k=corrupted, cl=client: spec.run(model, c, k, metric, executor=cl),
                     args.repeat,
                 )
                 xr.testing.assert_allclose(result, expected[n], rtol=1e-5, atol=1e-5)
                 rows[name][n] = seconds
             if workers == 1:
                 seconds, result = best(
-                    lambda: spec.run(model, small_clean, small_corrupted, metric,
-                                     cells_per_batch=1, executor=client),
+                    lambda cl=client: spec.run(model, small_clean, small_corrupted, metric,
+                                               cells_per_batch=1, executor=cl),
                     args.repeat,
                 )
                 xr.testing.assert_allclose(result, one_per_chunk, rtol=1e-5, atol=1e-5)
@@ -119,11 +121,12 @@ def main() -> None:
     print(f"model {sizes}, batch {batch}, HEAD_OUT_BY_POS; best of {args.repeat}")
     print(f"cluster start + first sweep (model load): dask1 {started['dask1']:.1f} s, "
           f"dask2 {started['dask2']:.1f} s (not in the times below)")
-    print("| tokens | cells | local_s (2 thr) | dask1_s | dask2_s | local/dask2 |")
-    print("|--------|-------|-----------------|---------|---------|-------------|")
+    print("| tokens | cells | local_s (2 thr) | local_s (1 thr) | dask1_s | dask2_s | local/dask2 |")
+    print("|--------|-------|-----------------|-----------------|---------|---------|-------------|")
     for n in lengths:
-        print(f"| {n:6d} | {cells[n]:5d} | {rows['local'][n]:15.3f} | {rows['dask1'][n]:7.3f} | "
-              f"{rows['dask2'][n]:7.3f} | {rows['local'][n] / rows['dask2'][n]:11.2f} |")
+        print(f"| {n:6d} | {cells[n]:5d} | {rows['local'][n]:15.3f} | {rows['local1'][n]:15.3f} | "
+              f"{rows['dask1'][n]:7.3f} | {rows['dask2'][n]:7.3f} | "
+              f"{rows['local'][n] / rows['dask2'][n]:11.2f} |")
     if overhead is not None:
         print(f"overhead per chunk: {1000 * overhead:.1f} ms ({one_per_chunk.size} chunks of 1 cell: "
               f"local 1 thread {local1:.3f} s)")

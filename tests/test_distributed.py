@@ -38,22 +38,17 @@ def client():
     A chunk is given up on after it killed 2 workers (``allowed-failures`` 1), so the test of a
     chunk that kills every worker stays short.
     """
-    import multiprocessing
-
     import dask
 
     settings = {
         "distributed.scheduler.allowed-failures": 1,
-        # Workers fork from a server that imported torch, transformer_lens and patchspec once:
-        # starting (and restarting a killed one) takes a fraction of a second, not an import.
-        "distributed.worker.multiprocessing-method": "forkserver",
+        # Workers fork from this process, which has imported torch, transformer_lens and
+        # patchspec already (with 1 torch thread and no CUDA context, so forking is safe):
+        # starting or restarting one takes a fraction of a second instead of a fresh import of
+        # each (10-30 s on a shared 2-core machine). "forkserver" is the safe fallback.
+        "distributed.worker.multiprocessing-method": "fork",
     }
     with dask.config.set(settings):
-        distributed.utils.get_mp_context()
-        multiprocessing.get_context("forkserver").set_forkserver_preload(
-            ["distributed", "torch", "transformers", "transformer_lens", "patchspec.runner",
-             "patchspec.execute.distributed", "tests.models", "tests.test_distributed"]
-        )
         cluster = distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,
@@ -137,6 +132,21 @@ def test_workers_refuse_another_model(gpt2, tokens, client, tmp_path) -> None:
     other = DaskExecutor(client, model=ModelSource(build, ("gpt2", tmp_path / "seed1"), {"seed": 1}))
     with pytest.raises(ExecutorError, match=r"other model weights than the caller"):
         catalog.RESID_PRE.run(gpt2, clean, corrupted, logit_diff_metric, executor=other)
+
+
+def test_cluster_sweep_writes_a_store_a_local_rerun_reads(gpt2, tokens, client, tmp_path) -> None:
+    """A cluster run with store= writes every chunk as it arrives; a local rerun of the same
+    sweep reads them all back (no patched pass) and gives the same values."""
+    from tests.test_store import Counting
+
+    clean, corrupted = tokens
+    spec = catalog.ATTN_OUT
+    store = tmp_path / "s.zarr"
+    remote = spec.run(gpt2, clean, corrupted, logit_diff_metric, executor=client, store=store, engine=Counting())
+    rerun = Counting()
+    local = spec.run(gpt2, clean, corrupted, logit_diff_metric, engine=rerun, store=store)
+    assert rerun.calls == 0
+    _same(remote, local)
 
 
 @attrs.define

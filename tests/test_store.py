@@ -119,3 +119,15 @@ def test_bfloat16_values_round_trip_exactly(tmp_path) -> None:
     back = part.read(np.array([4, 0, 2]), torch.device("cpu"))
     assert back.dtype == torch.bfloat16 and torch.equal(back, values)
     assert np.isnan(group["values_0"][:][1]).all()  # not written is NaN, never 0
+
+
+def test_resumed_sweep_progress_counts_every_cell_and_shows_chunks(gpt2, tokens, tmp_path, capsys) -> None:
+    """The bar of a resumed sweep counts the cells read back too, and shows chunks done."""
+    clean, corrupted = tokens
+    store = tmp_path / "p.zarr"
+    with pytest.raises(Interrupted):
+        catalog.RESID_PRE.run(gpt2, clean, corrupted, logit_diff_metric, engine=Counting(stop=1), store=store)
+    capsys.readouterr()
+    catalog.RESID_PRE.run(gpt2, clean, corrupted, logit_diff_metric, engine=Counting(), store=store, progress=True)
+    bar = capsys.readouterr().err
+    assert "12/12" in bar and "resid_pre: 3/3 chunks" in bar  # 4 chunks, 1 read back
