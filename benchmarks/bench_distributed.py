@@ -16,8 +16,9 @@ Every distributed result is checked against the local one (1e-5). The overhead p
 1 thread, as a worker has). The break-even size solves ``local(cells) == dask2(cells)`` for lines
 fitted to the timed sizes.
 
-    python benchmarks/bench_distributed.py            # ~2-4 minutes
-    python benchmarks/bench_distributed.py --quick    # smoke run: a smaller model, two sizes
+    python benchmarks/bench_distributed.py                 # medium model, 4 sizes (long on 2 cores)
+    python benchmarks/bench_distributed.py --lengths 8 16  # medium model, 2 sizes
+    python benchmarks/bench_distributed.py --quick         # smoke run: a smaller model, two sizes
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", help="prompt lengths (tokens) to time")
     args = parser.parse_args()
 
     import xarray as xr
@@ -54,7 +56,7 @@ def main() -> None:
 
     words = [f"w{i}" for i in range(2000)]
     sizes = dict(n_layers=2, n_heads=4, d_model=64) if args.quick else dict(n_layers=6, n_heads=8, d_model=256)
-    lengths = (8, 16) if args.quick else (8, 16, 32, 48)
+    lengths = tuple(args.lengths or ((8, 16) if args.quick else (8, 16, 32, 48)))
     batch = 4
     folder = Path(tempfile.mkdtemp(prefix="bench-distributed-"))
     model = tiny_model(words, folder, architecture="gpt2", n_ctx=64, device="cpu", **sizes)

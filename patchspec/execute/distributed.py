@@ -315,6 +315,13 @@ def run_chunk(
     from distributed import get_worker
 
     worker = get_worker()
+    if plugin not in worker.plugins:
+        return Failed(
+            ExecutorError(
+                f"worker {worker.address} has no model plugin {plugin!r}; was the plugin "
+                "unregistered, or the cluster replaced under the client?"
+            )
+        )
     try:
         holder: ModelPlugin = worker.plugins[plugin]  # type: ignore[assignment]
         sweep = holder.sweep(token, recipe)
@@ -332,7 +339,7 @@ def _cells(task: Task, cells: np.ndarray, most: int = 4) -> str:
     return f"{len(cells)} cells of {task.label!r}: {named}{more}"
 
 
-_REGISTERED: dict[tuple[int, str], bool] = {}
+_REGISTERED: dict[tuple[str, str], bool] = {}
 _REGISTERED_LOCK = threading.Lock()
 
 
@@ -389,10 +396,11 @@ class DaskExecutor:
                 key += source.loader
         name = f"patchspec-model-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
         with _REGISTERED_LOCK:
-            if (id(self.client), name) not in _REGISTERED:
+            client_id = str(getattr(self.client, "id", id(self.client)))
+            if (client_id, name) not in _REGISTERED:
                 log.debug("registering %s (%s) on the workers", name, source.describe())
                 self.client.register_plugin(ModelPlugin(name, source), name=name)
-                _REGISTERED[(id(self.client), name)] = True
+                _REGISTERED[(client_id, name)] = True
         return name
 
     def recipe(self, task: Task, origin: Origin) -> Any:
