@@ -67,6 +67,7 @@ _LAZY: dict[str, str | tuple[str, str]] = {
     **{
         n: ("patchspec.errors", n)
         for n in (
+            "ExecutorError",
             "HookError",
             "InputError",
             "MetricError",
@@ -82,6 +83,8 @@ _LAZY: dict[str, str | tuple[str, str]] = {
         for n in ("Chunk", "Estimator", "Executor", "Task", "register_estimator", "register_executor")
     },
     "verify": ("patchspec.attribution.verify", "verify"),
+    "DaskExecutor": ("patchspec.execute.distributed", "DaskExecutor"),
+    "ModelSource": ("patchspec.execute.distributed", "ModelSource"),
     "load": ("patchspec.io", "load"),
     "save": ("patchspec.io", "save"),
     "LAYOUTS": ("patchspec.layouts", "LAYOUTS"),
@@ -104,8 +107,10 @@ __all__ = [
     "Chunk",
     "Clean",
     "Corrupted",
+    "DaskExecutor",
     "Estimator",
     "Executor",
+    "ExecutorError",
     "Gaussian",
     "HookError",
     "InputError",
@@ -114,6 +119,7 @@ __all__ = [
     "Mean",
     "MetricError",
     "ModelAdapter",
+    "ModelSource",
     "OptionError",
     "PatchSpec",
     "PatchSpecError",

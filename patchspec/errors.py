@@ -33,6 +33,11 @@ class MetricError(PatchSpecError):
     """A metric returned the wrong shape or a non-finite value."""
 
 
+class ExecutorError(PatchSpecError):
+    """An executor could not compute some cells: a chunk kept killing the cluster workers it
+    ran on, or the workers could not rebuild the sweep as the caller built it."""
+
+
 class PatchSpecWarning(UserWarning):
     """A run that is computed as asked, but probably not as meant (e.g. clean and corrupted
     prompts of different lengths, or tokens that look padded but come without a mask)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import os
 import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -118,6 +119,11 @@ def _estimator(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
     from patchspec.attribution import check_estimator
 
     check_estimator(value)
+def _store(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise OptionError(
+            f"store must be a path (a str or os.PathLike) of a zarr store, or None, got {value!r}"
+        )
 
 
 def _executor(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -135,8 +141,9 @@ class RunOptions:
         engine: The estimator: ``"batched"`` (default, exact, many cells per forward pass),
             ``"reference"`` (exact, one plain forward pass per cell), a registered name, or an
             :class:`~patchspec.execute.Estimator` object.
-        executor: Where chunks run: ``"local"`` (default) or an
-            :class:`~patchspec.execute.Executor` object.
+        executor: Where chunks run: ``"local"`` (default), an
+            :class:`~patchspec.execute.Executor` object, or a ``dask.distributed.Client``
+            (see :mod:`patchspec.execute.distributed`).
         progress: Show a progress bar (default: for sweeps of 64 cells or more, on a terminal).
         cells_per_batch: Cells per forward pass of the batched engine (default: from memory).
         max_memory: Memory budget of one batched pass, bytes or ``"2GB"`` (default: half the
@@ -150,6 +157,9 @@ class RunOptions:
             (integrated gradients along each hook point's path), or an estimator object (see
             :mod:`patchspec.attribution`).
         ig_steps: Steps along the path of ``estimator="ig"`` (default 8).
+        store: A zarr path that makes the sweep resumable: each finished chunk is written to
+            it, and a rerun with the same store computes only the chunks not yet there (see
+            :mod:`patchspec.execute.store`).
 
     Example:
         >>> RunOptions(max_memory="2GB").max_memory
@@ -169,6 +179,7 @@ class RunOptions:
     hash_weights: bool = attrs.field(default=False, validator=flag)
     estimator: Any = attrs.field(default=None, validator=_estimator)
     ig_steps: int | None = attrs.field(default=None, converter=as_int, validator=optional_count)
+    store: str | os.PathLike[str] | None = attrs.field(default=None, validator=_store)
 
     def __attrs_post_init__(self) -> None:
         if self.estimator is None or self.estimator == "exact":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import xarray as xr
 import patchspec.accessor  # noqa: F401  (registers the .patch accessor of the results made here)
 from patchspec.attribution import attribution_estimator
 from patchspec.errors import InputError, MetricError, SpecError
-from patchspec.execute.protocols import Estimator, Executor, Progress, Task
+from patchspec.execute.protocols import Estimator, Executor, Origin, Progress, Task
 from patchspec.execute.registry import executor_for, make_estimator
 from patchspec.metrics import Evaluator, Metric, MetricContext, as_metrics, validate_metrics
 from patchspec.model.adapter import ModelAdapter
@@ -271,8 +272,12 @@ def estimate(
     task: Task,
     *,
     progress: bool | None,
+    store: Any = None,
 ) -> torch.Tensor:
     """Every cell of ``task.cells``: the estimator's chunks, run by the executor.
+
+    With a ``store`` (a :class:`patchspec.execute.store.SpecStore`), chunks already in it are
+    read back instead of run, and each chunk is written to it as it finishes.
 
     Raises:
         MetricError: the estimator returned values for a different number of cells.
@@ -288,7 +293,10 @@ def estimate(
         show = task.progress.enabled
     else:
         show = show_progress(progress, len(task.cells))
-    values = executor.run(estimator, task, chunks, progress=show)
+    if store is not None:
+        values = store.run(executor, estimator, task, chunks, progress=show)
+    else:
+        values = executor.run(estimator, task, chunks, progress=show)
     stats = task.memo.get("stats")
     log.debug(
         "%s: %d cells in %d chunks by %s on %s%s",
@@ -314,6 +322,8 @@ def run_grid(
     label: str,
     cells: np.ndarray | None = None,
     progress: Progress | None = None,
+    origin: Origin | None = None,
+    store: Any = None,
 ) -> tuple[torch.Tensor, Evaluator, torch.Tensor | None, torch.Tensor]:
     """The values of one grid's cells, and the evaluator and baselines.
 
@@ -324,13 +334,14 @@ def run_grid(
         cells: Flat indices of the cells to compute (default: all); the others are NaN.
         progress: The run's bar (:func:`run_progress`); default: a bar of this grid's own,
             shown as ``run.options.progress`` and :func:`show_progress` decide.
+        origin: What the task is built from (for executors that rebuild it elsewhere).
+        store: The spec's part of a resumable store (see :func:`estimate`).
 
     Returns:
         ``(values, evaluator, clean_baseline, corrupted_baseline)``.
     """
     session = run.session
-    context = run.context.for_run(grid.receiver)
-    evaluate = Evaluator(run.metrics, context, stacked=run.metric_dim, describe=grid.describe)
+    evaluate = evaluator_for(run, grid)
     with torch.inference_mode():
         clean_base = (
             evaluate(session.logits("clean"), "the clean baseline")
@@ -345,13 +356,23 @@ def run_grid(
                 run_progress(run.options.progress, [label], len(chosen), run.estimator.name)
             )
         progress.spec(label)
-        task = Task(grid, chosen, session, run.adapter, evaluate, label, progress=progress)
-        values = estimate(run.estimator, run.executor, task, progress=run.options.progress)
+        task = Task(
+            grid, chosen, session, run.adapter, evaluate, label, progress=progress, origin=origin
+        )
+        values = estimate(
+            run.estimator, run.executor, task, progress=run.options.progress, store=store
+        )
     if cells is not None:  # not measured means NaN
         full = values.new_full((grid.n_cells, *values.shape[1:]), float("nan"))
         full[torch.as_tensor(chosen, device=values.device)] = values
         values = full
     return values, evaluate, clean_base, corrupted_base
+
+
+def evaluator_for(run: Run, grid: Grid) -> Evaluator:
+    """The metric evaluator of ``grid``'s cells (runs the unpatched passes once per run)."""
+    context = run.context.for_run(grid.receiver)
+    return Evaluator(run.metrics, context, stacked=run.metric_dim, describe=grid.describe)
 
 
 #: What a patch does, by the run that receives it and where the values come from.
@@ -469,13 +490,27 @@ def run_specs(
         )
         grids = [run.add(compile(spec, run.sizes, positions=run.positions)) for spec in specs]
         check_shared_dims(specs, grids)
+        origin = Origin(
+            tuple(specs), 0, clean, corrupted, metric, options, positions, reference,
+            token=uuid.uuid4().hex,
+        )
+        store = None
+        if options.store is not None:  # checked against the run before any pass
+            from patchspec.execute.store import SweepStore
+
+            store = SweepStore.open(options.store, run, specs, grids)
         arrays = []
         labels = [spec.label for spec in specs]
         cells = sum(grid.n_cells for grid in grids)
         with run_progress(run.options.progress, labels, cells, run.estimator.name) as bar:
-            for spec, grid in zip(specs, grids, strict=True):
+            for i, (spec, grid) in enumerate(zip(specs, grids, strict=True)):
                 values, evaluate, clean_base, corrupted_base = run_grid(
-                    run, grid, spec.label, progress=bar
+                    run,
+                    grid,
+                    spec.label,
+                    progress=bar,
+                    origin=attrs.evolve(origin, index=i),
+                    store=None if store is None else store.spec(i),
                 )
                 arrays.append(label(run, spec, grid, values, evaluate, clean_base, corrupted_base))
         return arrays

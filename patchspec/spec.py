@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import numbers
+import os
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -310,6 +311,7 @@ class _Combinable:
         hash_weights: bool = False,
         estimator: str | Estimator | None = None,
         ig_steps: int | None = None,
+        store: str | os.PathLike[str] | None = None,
     ) -> xr.DataArray:
         """Sweep this spec and return a labelled ``xarray.DataArray``.
 
@@ -329,6 +331,7 @@ class _Combinable:
             hash_weights=hash_weights,
             estimator=estimator,
             ig_steps=ig_steps,
+            store=store,
         )
         (array,) = runner.run_specs(
             (self,),  # type: ignore[arg-type]
@@ -1013,6 +1016,7 @@ class Sweep:
         hash_weights: bool = False,
         estimator: str | Estimator | None = None,
         ig_steps: int | None = None,
+        store: str | os.PathLike[str] | None = None,
     ) -> xr.Dataset:
         """Run every spec and return one Dataset with a data variable per spec.
 
@@ -1040,8 +1044,10 @@ class Sweep:
                 :class:`~patchspec.interventions.Add`, the SAEs of
                 :class:`~patchspec.interventions.SAELatent`. They never enter the spec; results
                 record each one's shape and SHA-256 in ``attrs["tensors"]``.
-            executor: Where chunks of cells run: ``"local"`` (default) or an
-                :class:`~patchspec.execute.Executor`.
+            executor: Where chunks of cells run: ``"local"`` (default), an
+                :class:`~patchspec.execute.Executor`, or a ``dask.distributed.Client`` (or a
+                :class:`~patchspec.execute.distributed.DaskExecutor` around one) to run them
+                on a cluster's workers.
             cells_per_batch: Cells per forward pass of the batched engine (default: from the
                 memory budget).
             max_memory: Memory budget of one batched pass (bytes, or ``"2GB"``).
@@ -1056,6 +1062,9 @@ class Sweep:
                 check its top cells with :func:`patchspec.verify`. See
                 :mod:`patchspec.attribution`.
             ig_steps: Steps along the path for ``estimator="ig"`` (default 8).
+            store: A zarr path that makes the sweep resumable: each finished chunk is written
+                there as it arrives, and a rerun with the same store (same specs, model and
+                inputs, else an error before any pass) computes only the chunks not yet in it.
 
         Returns:
             A Dataset whose variables are named after the specs; each has the spec's axes as
@@ -1078,6 +1087,7 @@ class Sweep:
             hash_weights=hash_weights,
             estimator=estimator,
             ig_steps=ig_steps,
+            store=store,
         )
         arrays = runner.run_specs(
             self.specs,
@@ -1113,6 +1123,7 @@ def run(
     hash_weights: bool = False,
     estimator: str | Estimator | None = None,
     ig_steps: int | None = None,
+    store: str | os.PathLike[str] | None = None,
 ) -> xr.DataArray:
     """Sweep one spec and return a labelled DataArray: ``spec.run(...)`` (see
     :meth:`Sweep.run` for the arguments)."""
@@ -1134,4 +1145,5 @@ def run(
         hash_weights=hash_weights,
         estimator=estimator,
         ig_steps=ig_steps,
+        store=store,
     )

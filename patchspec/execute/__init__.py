@@ -6,6 +6,9 @@
 * :mod:`~patchspec.execute.reference`: the exact reference estimator (an independent oracle);
 * :mod:`~patchspec.execute.local`: the local executor;
 * :mod:`~patchspec.execute.registry`: both by name;
+* :mod:`~patchspec.execute.distributed`: the Dask executor (``executor=client``; imported on
+  use, it needs ``pip install 'patchspec[distributed]'``);
+* :mod:`~patchspec.execute.store`: resumable sweeps (``store="sweep.zarr"``);
 * :mod:`~patchspec.execute.masks`, :mod:`~patchspec.execute.writer`,
   :mod:`~patchspec.execute.schedule`, :mod:`~patchspec.execute.hooks`: the batched engine's parts.
 """

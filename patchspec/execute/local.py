@@ -41,7 +41,6 @@ class LocalExecutor:
         self, estimator: Estimator, task: Task, chunks: Sequence[Chunk], *, progress: bool
     ) -> torch.Tensor:
         """The values of ``task.cells``, in order, stacked on a leading dim."""
-        where = {int(c): i for i, c in enumerate(task.cells)}
         parts: list[tuple[Chunk, torch.Tensor]] = []
         limit = max((len(c) for c in chunks), default=1)
         bar: contextlib.AbstractContextManager[Progress]
@@ -70,13 +69,22 @@ class LocalExecutor:
                     pending[:0] = chunk.split()
                     continue
                 parts.append((chunk, values))
+                if task.on_chunk is not None:
+                    task.on_chunk(chunk, values)
                 shown.update(len(chunk))
-        if not parts:
-            return torch.empty(0)
-        order = torch.as_tensor(
-            [where[int(c)] for chunk, _v in parts for c in chunk.cells], dtype=torch.long
-        )
-        stacked = torch.cat([v.to(parts[0][1].device) for _c, v in parts])
-        out = torch.empty_like(stacked)
-        out[order.to(stacked.device)] = stacked
-        return out
+                shown.chunks(task.label, len(parts), len(parts) + len(pending))
+        return assemble(task, parts)
+
+
+def assemble(task: Task, parts: Sequence[tuple[Chunk, torch.Tensor]]) -> torch.Tensor:
+    """The values of finished chunks (in any order) in ``task.cells`` order, stacked."""
+    if not parts:
+        return torch.empty(0)
+    where = {int(c): i for i, c in enumerate(task.cells)}
+    order = torch.as_tensor(
+        [where[int(c)] for chunk, _v in parts for c in chunk.cells], dtype=torch.long
+    )
+    stacked = torch.cat([v.to(parts[0][1].device) for _c, v in parts])
+    out = torch.empty_like(stacked)
+    out[order.to(stacked.device)] = stacked
+    return out

@@ -11,7 +11,7 @@ estimator; a new place to run is one executor; both are registered by name in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
@@ -92,6 +92,12 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(label, refresh=True)
 
+    def chunks(self, label: str, done: int, total: int) -> None:
+        """Show how many of a spec's chunks are done (the bar's postfix, e.g. ``z: 3/8 chunks``);
+        the bar itself counts cells and their rate."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{label}: {done}/{total} chunks".lstrip(": "), refresh=False)
+
     def close(self) -> None:
         """Finish the bar (leaves its last state on screen)."""
         if self.bar is not None:
@@ -102,6 +108,35 @@ class Progress:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+@attrs.frozen(eq=False)
+class Origin:
+    """What a task was built from, so that another process can build it again (a cluster
+    worker runs :func:`patchspec.runner.prepare` and :func:`~patchspec.plan.grid.compile` on
+    these and computes the same cells).
+
+    Attributes:
+        specs: Every spec of the run (their grids share one session).
+        index: Which of ``specs`` the task sweeps.
+        clean: The clean prompts or tokens, as given to ``spec.run``.
+        corrupted: The corrupted prompts or tokens.
+        metric: The metric (or metrics), as given.
+        options: The run's options.
+        positions: Named positions, as given.
+        reference: Reference prompts, as given.
+        token: Names this run (the same for every spec of it).
+    """
+
+    specs: tuple[Any, ...]
+    index: int
+    clean: Any
+    corrupted: Any
+    metric: Any
+    options: Any
+    positions: Any = None
+    reference: Any = None
+    token: str = ""
 
 
 @attrs.frozen(eq=False)
@@ -118,6 +153,10 @@ class Task:
         memo: Scratch space an estimator may keep per task (e.g. source values).
         progress: The run's progress bar (shared by every task of the run), or ``None``: the
             executor then shows its own bar when asked to.
+        origin: What the task was built from (``None``: built by hand), for executors that
+            rebuild it in other processes.
+        on_chunk: Called by executors with each chunk and its values as soon as they arrive
+            (a resumable store writes them), or ``None``.
     """
 
     grid: Grid
@@ -128,6 +167,8 @@ class Task:
     label: str = ""
     memo: dict[Any, Any] = attrs.field(factory=dict)
     progress: Progress | None = None
+    origin: Origin | None = None
+    on_chunk: Callable[[Chunk, torch.Tensor], None] | None = None
 
 
 @runtime_checkable
@@ -179,6 +220,7 @@ class Executor(Protocol):
         """The values of every cell of ``task.cells``, in that order, stacked on a leading dim.
 
         Report finished cells to ``task.progress`` when it is set (the run's one bar; then
-        ``progress`` says whether it is shown), else show a bar of your own if ``progress``.
+        ``progress`` says whether it is shown), else show a bar of your own if ``progress``;
+        call ``task.on_chunk(chunk, values)`` for each finished chunk when it is set.
         """
         ...

@@ -99,14 +99,25 @@ def make_estimator(value: Any, batching: dict[str, Any]) -> Estimator:
         ) from None
 
 
+def is_client(value: Any) -> bool:
+    """Whether ``value`` is a ``dask.distributed.Client`` (without importing distributed)."""
+    cls = type(value)
+    return cls.__name__ == "Client" and cls.__module__.split(".")[0] == "distributed"
+
+
 def executor_for(value: Any) -> Executor:
-    """The executor for ``executor=value`` (a name or an :class:`Executor`).
+    """The executor for ``executor=value`` (a name, an :class:`Executor`, or a
+    ``dask.distributed.Client``: a :class:`~patchspec.execute.distributed.DaskExecutor` on it).
 
     Raises:
         OptionError: an unknown name, or an object that is not an executor.
     """
     if value is None:
         value = DEFAULT_EXECUTOR
+    if is_client(value):
+        from patchspec.execute.distributed import DaskExecutor
+
+        return DaskExecutor(value)
     if isinstance(value, str):
         if value not in EXECUTORS:
             raise OptionError(
@@ -116,7 +127,7 @@ def executor_for(value: Any) -> Executor:
         return EXECUTORS[value]()
     if not isinstance(value, Executor):
         raise OptionError(
-            f"executor must be a name ({', '.join(EXECUTORS)}) or an Executor (with name and "
-            f"run()), got {type(value).__name__}"
+            f"executor must be a name ({', '.join(EXECUTORS)}), an Executor (with name and "
+            f"run()) or a dask.distributed.Client, got {type(value).__name__}"
         )
     return value
