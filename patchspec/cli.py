@@ -203,6 +203,8 @@ class DemoResult:
     induction_head: int
     detector: dict[str, Any]
     files: list[Path]
+    #: The same sweeps estimated by attribution patching (``estimator="atp"``).
+    estimates: xr.Dataset | None = None
 
 
 def _check_device(device: str | None, where: str = "--device") -> None:
@@ -279,12 +281,13 @@ def demo(
         f"{[round(float(v), 2) for v in ind_scores[last]]}."
     )
     written = write_outputs(ds, out, plots=plots)
-    written += compare_attribution(
+    estimates, files = compare_attribution(
         ds, model, prompts.clean, prompts.corrupted, metric, out, plots=plots
     )
+    written += files
     print(f"\nWrote {len(written)} files to {out}/ in {time.perf_counter() - started:.1f} s")
     detector = {name: value.tolist() for name, value in scores.items()}
-    return DemoResult(ds, prev, induction, detector, written)
+    return DemoResult(ds, prev, induction, detector, written, estimates)
 
 
 #: The demo spec drawn beside its attribution-patching estimate.
@@ -300,24 +303,24 @@ def compare_attribution(
     out: Path,
     *,
     plots: bool,
-) -> list[Path]:
+) -> tuple[xr.Dataset, list[Path]]:
     """Estimate the demo's sweep by attribution patching (``estimator="atp"``), print how well
     each spec's estimate agrees with the exact result (Pearson r of the effects, and whether
     the top cells match), and draw the estimate beside the exact result of
-    :data:`AGREEMENT_SPEC` (:func:`patchspec.plot.plot_agreement`); return the files written."""
+    :data:`AGREEMENT_SPEC` (:func:`patchspec.plot.plot_agreement`); return the estimates and
+    the files written."""
     import numpy as np
     from scipy import stats
 
     from patchspec.spec import Sweep
 
-    started = time.perf_counter()
     specs = demo_specs()
     atp = Sweep(*specs, name="demo").run(
         model, clean, corrupted, metric, estimator="atp", progress=False
     )
     print(
-        f"\nAttribution patching (AtP: 2 forward + 1 backward pass for every cell, "
-        f"{time.perf_counter() - started:.1f} s) against exact patching:"
+        "\nAttribution patching (AtP, an estimate of every cell from 2 forward and 1 backward "
+        "passes)\nagainst exact patching, per spec (effects; r: Pearson correlation):"
     )
     for name in exact.data_vars:
         if name not in atp:
@@ -328,10 +331,10 @@ def compare_attribution(
         x, y = x[keep], y[keep]
         r = float(stats.pearsonr(x, y)[0]) if x.size > 2 and x.std() and y.std() else float("nan")
         same = "same top cell" if x.size and int(np.argmax(x)) == int(np.argmax(y)) else "top cell differs"
-        print(f"  {name:<16} {x.size:5d} cells  Pearson r {r:+.3f}  {same}")
-    print("  (an estimate: check the cells it ranks highest with patchspec.verify)")
+        print(f"  {name:<16} {x.size:4d} cells  r {r:+.3f}  {same}")
+    print("AtP is an estimate: patchspec.verify patches the cells it ranks highest exactly.")
     if not plots or AGREEMENT_SPEC not in atp:
-        return []
+        return atp, []
     from patchspec.plot import plot_agreement
 
     png = out / f"atp_vs_exact_{AGREEMENT_SPEC}.png"
@@ -339,7 +342,7 @@ def compare_attribution(
         plot_agreement(exact[AGREEMENT_SPEC], atp[AGREEMENT_SPEC], path=png)
     except OSError as err:
         raise InputError(f"cannot write {str(png)!r}: {err}") from None
-    return [png]
+    return atp, [png]
 
 
 def run_experiment(

@@ -603,8 +603,8 @@ def plot_agreement(
     vmax = float(max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0))) or 1.0
     name = str(estimate.attrs.get("estimator", "estimate"))
     fig = Figure(figsize=figsize, layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[2.6, 1])
-    heatmaps = left.subfigures(2, 1)
+    left, right = fig.subfigures(1, 2, width_ratios=[2.6, 1], squeeze=False)[0]
+    heatmaps = left.subfigures(2, 1, squeeze=False)[:, 0]
     for panel, data, label in ((heatmaps[0], effects[0], "exact"), (heatmaps[1], effects[1], name)):
         formula = data.attrs.get("formula", "effect")
         plot(data, fig=panel, vmax=vmax, reduce=None, title=f"{label}: {formula}")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -42,7 +43,7 @@ def test_docs_show_what_the_demo_prints_and_every_option(found):
     shown = shown[: shown.index("```")]
     printed = PRINTED["demo"]
     def tail(text):
-        return re.sub(r"Wrote 18 files to .*", "Wrote 18 files", text.strip())
+        return re.sub(r"Wrote 19 files to .*", "Wrote 19 files", text.strip())
     assert tail(shown) == tail(printed)
     for action in cli.parser()._subparsers._group_actions[0].choices["run"]._actions:
         for flag in action.option_strings:
@@ -70,11 +71,27 @@ def test_demo_writes_results_and_heatmaps(found):
     """Every sweep is written as netCDF (loadable, labelled) and as a PNG heatmap."""
     names = set(found.results.data_vars)
     written = {p.name for p in found.files}
-    assert {f"{n}.nc" for n in names} | {f"{n}.png" for n in names} == written
+    pair = "atp_vs_exact_head_out_by_pos.png"
+    assert {f"{n}.nc" for n in names} | {f"{n}.png" for n in names} | {pair} == written
     nc = next(p for p in found.files if p.name == "head_out_by_pos.nc")
     loaded = io.load(nc)
     assert loaded.dims == ("layer", "pos", "head") and "pos_token" in loaded.coords
     xr.testing.assert_allclose(loaded, found.results["head_out_by_pos"])
+
+
+def test_demo_estimates_every_sweep_by_attribution_patching(found):
+    """The demo's AtP estimates lie on the exact results' grids and agree with them where the
+    toy circuit is (the previous-token and induction heads are AtP's top heads too)."""
+    estimates = found.estimates
+    assert estimates is not None and set(estimates.data_vars) == set(found.results.data_vars)
+    for name in found.results.data_vars:
+        exact, atp = found.results[name], estimates[name]
+        assert atp.dims == exact.dims and atp.attrs["estimator"] == "atp" and not atp.attrs["exact"]
+    heads = estimates["head_out"].patch.effect()
+    assert int(heads.sel(layer=0).argmax("head")) == found.previous_token_head
+    exact = found.results["head_out_by_pos"].patch.effect().values.ravel()
+    atp = estimates["head_out_by_pos"].patch.effect().values.ravel()
+    assert np.corrcoef(exact, atp)[0, 1] > 0.9
 
 
 def test_run_sample_experiment(tmp_path, capsys):
