@@ -97,6 +97,21 @@ def test_catalogue_sweep_equals_local(kind, request, tokens, client, capsys) -> 
     assert "patching 3 specs (batched)" in bar and "head_v: 2/2 chunks" in bar
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_attribution_estimates_equal_local(kind, request, tokens, client) -> None:
+    """Attribution patching runs on the cluster too (the gradients made once per worker) and
+    equals the local estimate, exact=False and estimator in attrs as locally."""
+    model = request.getfixturevalue(kind)
+    clean, corrupted = tokens
+    sweep = Sweep(catalog.HEAD_OUT_BY_POS, catalog.HEAD_K)
+    local = sweep.run(model, clean, corrupted, per_example_metric, estimator="atp", max_memory=4096)
+    remote = sweep.run(
+        model, clean, corrupted, per_example_metric, estimator="atp", max_memory=4096, executor=client
+    )
+    _same(remote, local)
+    assert remote["head_k"].attrs["estimator"] == "atp" and remote["head_k"].attrs["exact"] is False
+
+
 def test_model_loaded_once_per_worker_and_run_built_once(gpt2, tokens, client) -> None:
     """Each worker loads a model once for every run on it, and builds each run's session once
     for all of its chunks; a per-example metric and the reference estimator match too."""
