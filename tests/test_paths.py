@@ -211,6 +211,16 @@ def test_batched_uses_few_passes(gpt2, tokens):
     np.testing.assert_allclose(result.values, reference.values, rtol=1e-5, atol=1e-6)
 
 
+def test_progress_counts_every_measured_path(gpt2, tokens, capsys):
+    """progress=True draws one bar over the measured (sender, receiver) paths; False none."""
+    clean, corrupted = tokens
+    catalog.PATH_HEAD_TO_HEAD_Q.run(gpt2, clean, corrupted, logit_diff_metric, progress=True)
+    bar = capsys.readouterr().err
+    assert "patching" in bar and "16/16" in bar  # 4 layer-0 heads x 4 layer-1 heads
+    catalog.PATH_HEAD_TO_HEAD_Q.run(gpt2, clean, corrupted, logit_diff_metric, progress=False)
+    assert "16/16" not in capsys.readouterr().err
+
+
 @settings(max_examples=5, deadline=None)
 @given(
     heads=st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True),

@@ -7,6 +7,7 @@ cells are (sender, receiver) pairs, not regions of one activation.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -94,7 +95,7 @@ def run_path(
         max_memory=max_memory,
         hash_weights=hash_weights,
     )
-    with ModelAdapter.of(model).exclusive():
+    with ModelAdapter.of(model).exclusive(), contextlib.ExitStack() as stack:
         run = runner.prepare(model, clean, corrupted, metric, options=options, positions=positions)
         adapter, session, sizes = run.adapter, run.session, run.sizes
         sender_coords, senders = senders_of(spec, sizes, run.positions)
@@ -130,8 +131,17 @@ def run_path(
             )
         )
 
+        measured = sum(paths_engine.reads(s, t, sizes.n_layers) for s in senders for t in targets)
+        bar = stack.enter_context(
+            runner.run_progress(
+                progress, [spec.label], measured, "batched" if not reference else "reference"
+            )
+        )
+
         def values_of(logits: torch.Tensor, n: int) -> torch.Tensor:
-            return evaluate.many(logits, [f"a path of {spec.label}"] * n, read)
+            out = evaluate.many(logits, [f"a path of {spec.label}"] * n, read)
+            bar.update(n)
+            return out
 
         paths = paths_engine.PathRun(
             adapter=adapter,

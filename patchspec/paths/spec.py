@@ -244,7 +244,8 @@ class PathSpec:
                 dim), as for :meth:`patchspec.PatchSpec.run`.
             engine: ``"batched"`` (default: many rows per pass, replayed from the receiver's
                 layer) or ``"reference"`` (one full forward pass per (sender, receiver) pair).
-            progress: Accepted for symmetry with ``PatchSpec.run`` (the passes are few).
+            progress: Show a progress bar over the measured paths (default: for 64 paths or
+                more, on a terminal).
             positions: Named token positions, as for :meth:`patchspec.PatchSpec.run`.
             cells_per_batch: Rows (sender, receiver pairs) per forward pass.
             max_memory: Memory budget of one pass, bytes or a string such as ``"2GB"``.
