@@ -309,10 +309,8 @@ def compare_attribution(
     the top cells match), and draw the estimate beside the exact result of
     :data:`AGREEMENT_SPEC` (:func:`patchspec.plot.plot_agreement`); return the estimates and
     the files written."""
-    import numpy as np
-    from scipy import stats
-
     from patchspec.spec import Sweep
+    from patchspec.stats import agreement
 
     specs = demo_specs()
     atp = Sweep(*specs, name="demo").run(
@@ -325,13 +323,9 @@ def compare_attribution(
     for name in exact.data_vars:
         if name not in atp:
             continue
-        x = exact[name].patch.effect().values.ravel()
-        y = atp[name].patch.effect().values.ravel()
-        keep = np.isfinite(x) & np.isfinite(y)
-        x, y = x[keep], y[keep]
-        r = float(stats.pearsonr(x, y)[0]) if x.size > 2 and x.std() and y.std() else float("nan")
-        same = "same top cell" if x.size and int(np.argmax(x)) == int(np.argmax(y)) else "top cell differs"
-        print(f"  {name:<16} {x.size:4d} cells  r {r:+.3f}  {same}")
+        scores = agreement(exact[name], atp[name])
+        same = "same top cell" if scores["same_top"] else "top cell differs"
+        print(f"  {name:<16} {scores['cells']:4d} cells  r {scores['pearson']:+.3f}  {same}")
     print("AtP is an estimate: patchspec.verify patches the cells it ranks highest exactly.")
     if not plots or AGREEMENT_SPEC not in atp:
         return atp, []

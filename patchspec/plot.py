@@ -588,16 +588,13 @@ def plot_agreement(
         4
     """
     from matplotlib.figure import Figure
-    from scipy import stats
 
-    if exact.dims != estimate.dims or exact.shape != estimate.shape:
-        raise InputError(
-            f"the exact result {dict(exact.sizes)} and the estimate {dict(estimate.sizes)} are "
-            "not on the same grid; run the same spec with both estimators"
-        )
+    from patchspec.stats import agreement, effect_values
+
+    scores = agreement(exact, estimate)  # checks the grids first
     effects = [r.patch.effect() for r in (exact, estimate)]
     effects = [e.mean("example") if "example" in e.dims else e for e in effects]
-    x, y = (np.asarray(e.values, dtype=float).ravel() for e in effects)
+    x, y = effect_values(exact), effect_values(estimate)
     finite = np.isfinite(x) & np.isfinite(y)
     x, y = x[finite], y[finite]
     vmax = float(max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0))) or 1.0
@@ -613,10 +610,9 @@ def plot_agreement(
     scatter.plot([-vmax, vmax], [-vmax, vmax], color="grey", linestyle="--", linewidth=1)
     scatter.set_xlabel("exact effect")
     scatter.set_ylabel(f"{name} effect")
-    varied = x.size > 2 and bool(x.std()) and bool(y.std())
-    pearson = float(stats.pearsonr(x, y)[0]) if varied else float("nan")
-    spearman = float(stats.spearmanr(x, y)[0]) if varied else float("nan")
-    scatter.set_title(f"Pearson {pearson:.3f}, Spearman {spearman:.3f}", fontsize="medium")
+    scatter.set_title(
+        f"Pearson {scores['pearson']:.3f}, Spearman {scores['spearman']:.3f}", fontsize="medium"
+    )
     spec = exact.attrs.get("spec_name", exact.name)
     fig.suptitle(title or f"{spec}: {name} beside exact patching ({x.size} cells)")
     if path is not None:

@@ -484,3 +484,45 @@ def permutation_pvalue(
     if correction is None or correction == "none":
         return p
     return adjust_pvalues(p, correction)  # type: ignore[return-value]
+
+
+def agreement(exact: xr.DataArray, estimate: xr.DataArray) -> dict[str, float | int | bool]:
+    """How well an estimate (``estimator="atp"``) agrees with the exact result of the same grid,
+    on their effects averaged over examples: the number of cells both measured, Pearson and
+    Spearman correlations (``scipy.stats``; NaN when either is constant or under 3 cells), and
+    whether the largest cell is the same one.
+
+    Example:
+        >>> grid = {"dims": ("layer",), "attrs": {"clean_baseline": 1.0, "corrupted_baseline": 0.0}}
+        >>> exact = xr.DataArray([0.1, 0.9, 0.3], **grid)
+        >>> agreement(exact, xr.DataArray([0.2, 0.8, 0.3], **grid))["same_top"]
+        True
+
+    Raises:
+        InputError: the two results are not on the same grid.
+    """
+    from scipy import stats
+
+    if exact.dims != estimate.dims or exact.shape != estimate.shape:
+        raise InputError(
+            f"the exact result {dict(exact.sizes)} and the estimate {dict(estimate.sizes)} are "
+            "not on the same grid; run the same spec with both estimators"
+        )
+    x, y = effect_values(exact), effect_values(estimate)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    varied = x.size > 2 and bool(x.std()) and bool(y.std())
+    return {
+        "cells": int(x.size),
+        "pearson": float(stats.pearsonr(x, y)[0]) if varied else math.nan,
+        "spearman": float(stats.spearmanr(x, y)[0]) if varied else math.nan,
+        "same_top": bool(x.size) and int(np.argmax(x)) == int(np.argmax(y)),
+    }
+
+
+def effect_values(result: xr.DataArray) -> np.ndarray:
+    """A result's effects (:func:`patchspec.accessor.effect`) averaged over examples, flat."""
+    effect = result.patch.effect()
+    if "example" in effect.dims:
+        effect = effect.mean("example")
+    return np.asarray(effect.values, dtype=float).ravel()

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -102,28 +102,32 @@ def chunk_writes(grid: Grid, cells: np.ndarray, device: torch.device, memo: dict
     return writes
 
 
+def _per_task(task: Task, what: str, source: Source, hook_name: str, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per task for this source and hook point."""
+    try:
+        key: Hashable = (what, source, hook_name)
+        hash(key)
+    except TypeError:  # an unhashable custom source
+        key = (what, id(source), hook_name)
+    if key not in task.memo:
+        task.memo[key] = make()
+    return task.memo[key]
+
+
 def source_values(task: Task, source: Source, hook_name: str) -> torch.Tensor:
     """The full tensor ``source`` gives at ``hook_name``, computed once per task."""
-    try:
-        key: Hashable = ("values", source, hook_name)
-        hash(key)
-    except TypeError:
-        key = ("values", id(source), hook_name)
-    if key not in task.memo:
-        task.memo[key] = source.values(hook_name, task.session)
-    return task.memo[key]
+    values: torch.Tensor = _per_task(
+        task, "values", source, hook_name, lambda: source.values(hook_name, task.session)
+    )
+    return values
 
 
 def source_combine(task: Task, source: Source, hook_name: str) -> Combine | None:
     """``source.combine`` at ``hook_name`` (``None``: a plain overwrite), made once per task."""
-    try:
-        key: Hashable = ("combine", source, hook_name)
-        hash(key)
-    except TypeError:
-        key = ("combine", id(source), hook_name)
-    if key not in task.memo:
-        task.memo[key] = source.combine(hook_name, task.session)
-    return task.memo[key]  # type: ignore[no-any-return]
+    combine: Combine | None = _per_task(
+        task, "combine", source, hook_name, lambda: source.combine(hook_name, task.session)
+    )
+    return combine
 
 
 @attrs.frozen
