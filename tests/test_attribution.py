@@ -12,7 +12,7 @@ from scipy import stats
 import patchspec as ps
 from patchspec import catalog, metrics
 from patchspec.attribution.verify import clopper_pearson_upper, verify
-from patchspec.errors import MetricError, OptionError
+from patchspec.errors import InputError, MetricError, OptionError
 from patchspec.sources import Source
 from patchspec.tiny import tiny_model
 from tests.models import VOCAB, build, prompts
@@ -287,6 +287,23 @@ def test_verified_cells_are_the_exact_sweep_cells(gpt2):
     assert set(np.argsort(-scores)[:4]) == set(np.flatnonzero(roles.ravel() == "top"))
     baselines = ["corrupted_baseline", "clean_baseline"]
     xr.testing.assert_identical(checked.estimate.rename(atp.name), atp.drop_vars(baselines))
+
+
+def test_verify_takes_the_run_time_tensors_of_the_estimate(gpt2):
+    """An estimate of a spec whose source names run-time tensors is verified with the same
+    tensors (its cells equal the full exact sweep); other tensors are refused before any pass."""
+    clean, corrupted = prompts(n=3)
+    direction = torch.randn(gpt2.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    spec = attrs.evolve(catalog.RESID_PRE, source=ps.Add("d", coef=3.0))
+    tensors = {"d": direction}
+    atp = spec.run(gpt2, clean, corrupted, LD, tensors=tensors, estimator="atp", progress=False)
+    full = spec.run(gpt2, clean, corrupted, LD, tensors=tensors, progress=False)
+    checked = verify(atp, gpt2, clean, corrupted, LD, top=3, random=2, tensors=tensors)
+    measured = ~np.isnan(checked.exact.values)
+    assert measured.sum() == 5
+    np.testing.assert_array_equal(checked.exact.values[measured], full.values[measured])
+    with pytest.raises(InputError, match=r"tensor 'd' is not the one the estimate was made with"):
+        verify(atp, gpt2, clean, corrupted, LD, top=3, random=2, tensors={"d": 2 * direction})
 
 
 def test_verify_bound_is_clopper_pearson(gpt2):

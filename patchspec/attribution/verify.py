@@ -81,6 +81,18 @@ def clopper_pearson_upper(exceeding: int, n: int, confidence: float) -> float:
     return float(stats.beta.ppf(confidence, exceeding + 1, n - exceeding))
 
 
+def _check_tensors(estimate: xr.DataArray, given: Mapping[str, Any]) -> None:
+    """Refuse run-time tensors other than those the estimate was made with (by SHA-256)."""
+    from patchspec.interventions import tensor_record
+
+    for key, record in dict(estimate.attrs.get("tensors") or {}).items():
+        if key in given and tensor_record(given[key]).get("sha256") != record.get("sha256"):
+            raise InputError(
+                f"tensor {key!r} is not the one the estimate was made with (its SHA-256 "
+                f"differs from attrs['tensors'][{key!r}]); pass the same tensors to verify"
+            )
+
+
 def verify(
     estimate: xr.DataArray,
     model: Any,
@@ -100,6 +112,7 @@ def verify(
     progress: bool | None = None,
     cells_per_batch: int | None = None,
     max_memory: str | int | float | None = None,
+    tensors: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Patch the estimate's ``top`` cells and ``random`` others exactly, on the same grid.
 
@@ -116,6 +129,8 @@ def verify(
         engine: The exact engine (default ``"batched"``).
         positions, reference: As for ``spec.run``.
         progress, cells_per_batch, max_memory: As for ``spec.run``.
+        tensors: The run-time tensors the spec's sources name, as for ``spec.run``; they must
+            be the ones the estimate records (``attrs["tensors"]``, by SHA-256).
 
     Returns:
         A Dataset with ``estimate``, ``exact`` (NaN where not measured), ``checked`` (``"top"``,
@@ -175,7 +190,9 @@ def verify(
             options=options,
             positions=positions,
             reference=reference,
+            tensors=tensors,
         )
+        _check_tensors(estimate, run.session.tensors)
         grid = run.add(compile(spec, run.sizes, positions=run.positions))
         n = len(grid.dims)
         if tuple(estimate.dims[:n]) != grid.dims or tuple(estimate.shape[:n]) != grid.shape:
