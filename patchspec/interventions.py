@@ -395,6 +395,7 @@ class Subspace(Source):
     kind: ClassVar[str] = "subspace"
     interchange: ClassVar[bool] = True
     sweepable: ClassVar[tuple[str, ...]] = ("strength",)
+    positionwise: ClassVar[bool] = True
     basis: str = attrs.field(validator=_key)
     strength: float = attrs.field(default=1.0, converter=_plain_number, validator=_number)
     donor: Receiver = attrs.field(default="clean", validator=_donor)
@@ -492,6 +493,7 @@ class Add(Source):
 
     kind: ClassVar[str] = "add"
     sweepable: ClassVar[tuple[str, ...]] = ("coef",)
+    positionwise: ClassVar[bool] = True
     direction: str = attrs.field(validator=_key)
     coef: float = attrs.field(default=1.0, converter=_plain_number, validator=_number)
     normalise: bool = attrs.field(default=False, validator=_flag)
@@ -574,6 +576,7 @@ class SAELatent(Source):
     kind: ClassVar[str] = "sae_latent"
     interchange: ClassVar[bool] = True
     sweepable: ClassVar[tuple[str, ...]] = ("latent",)
+    positionwise: ClassVar[bool] = True
     sae: str = attrs.field(validator=_key)
     latent: int | tuple[int, ...] | None = attrs.field(default=None, converter=_latents, validator=_latent)
     donor: Receiver = attrs.field(default="clean", validator=_donor)

@@ -109,6 +109,11 @@ class Source:
     #: Fields that a spec may sweep as an axis of the same name (``Subspace.strength``): each
     #: coordinate is this source with that field set (see :meth:`PatchSpec.sources`).
     sweepable: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`combine` acts on each token position alone (the written value at a
+    #: position depends only on the activation and values there). The batched engine then
+    #: recomputes only the positions a patch can change (causal suffix replay); a custom source
+    #: whose combine mixes positions keeps the default ``False`` and is replayed in full.
+    positionwise: ClassVar[bool] = False
 
     def combine(self, hook_name: str, runs: Runs) -> Combine | None:
         """How patched values meet the receiving activation: ``None`` (the default) writes

@@ -29,13 +29,20 @@ import attrs
 import numpy as np
 import torch
 
+from patchspec.errors import PatchSpecError
 from patchspec.execute.hooks import FireCounter, Hook, ordered, write_phase
 from patchspec.execute.masks import Write, part_writes, region_writes
 from patchspec.execute.protocols import Chunk, Task
-from patchspec.execute.schedule import choose_cells_per_batch, chunks_by_start
+from patchspec.execute.schedule import (
+    PASS_OVERHEAD_TOKENS,
+    choose_cells_per_batch,
+    chunks_by_start,
+    chunks_by_suffix,
+)
 from patchspec.execute.writer import write_hooks
 from patchspec.layouts import layout
 from patchspec.model.adapter import ModelAdapter
+from patchspec.model.lean import LeanReplay
 from patchspec.options import flag, optional_count, optional_memory
 from patchspec.plan.cells import Region, regions_of
 from patchspec.plan.grid import Grid
@@ -54,6 +61,8 @@ class Stats:
     full: int = 0
     largest: int = 0
     cells_per_batch: int = 0
+    lean: int = 0  # of the replayed passes, those through the lean blocks
+    positions: int = 0  # token positions recomputed lean (rows x positions x blocks)
 
 
 def _start_table(adapter: ModelAdapter, activation: str, n_layers: int) -> np.ndarray:
@@ -130,6 +139,95 @@ def source_combine(task: Task, source: Source, hook_name: str) -> Combine | None
     return combine
 
 
+#: Dims whose positions a patch changes from on (a pattern's source positions are read, not
+#: changed: patching ``pattern[dest, src]`` changes the output at ``dest`` only).
+_CHANGED_DIMS = ("pos", "dest_pos")
+
+
+def _changed_axes(activation: str) -> tuple[int, ...]:
+    return tuple(i for i, d in enumerate(layout(activation).dims) if d in _CHANGED_DIMS)
+
+
+def first_changed(task: Task, source: Source, hook_name: str, axis: int) -> int:
+    """The first position where what ``source`` writes at ``hook_name`` differs from the
+    receiving run's own activation (``seq`` when nowhere), computed once per task.
+
+    Before it, the written values are the receiving run's own (e.g. clean and corrupted
+    prompts that share their first tokens), so writing them changes nothing. ``0`` whenever
+    that cannot be shown (a combine that mixes positions, an activation not cached).
+    """
+
+    def compute() -> int:
+        combine = source_combine(task, source, hook_name)
+        if combine is not None and not source.positionwise:
+            return 0
+        try:
+            receiving = task.session.activation(task.grid.receiver, hook_name)
+        except PatchSpecError:
+            return 0
+        values = source_values(task, source, hook_name)
+        with torch.inference_mode():
+            try:
+                written = values.to(receiving.dtype)
+                if combine is not None:
+                    written = combine(receiving.unsqueeze(0), written)[0]
+                written = torch.broadcast_to(written, receiving.shape)
+            except (RuntimeError, ValueError, TypeError):
+                return 0
+            changed = (written != receiving).movedim(axis, 0).reshape(receiving.shape[axis], -1).any(1)
+            where = changed.nonzero()
+            return int(where[0, 0]) if where.numel() else int(receiving.shape[axis])
+
+    first: int = _per_task(task, f"first-changed-{axis}", source, hook_name, compute)
+    return first
+
+
+def first_positions(task: Task, writes: Sequence[Write]) -> torch.Tensor:
+    """``[cells]``: the first position each of ``task.cells`` can change (``seq``: none that
+    the metric reads), from the cells' masks (``writes`` of all of them at once)."""
+    seq = task.grid.sizes.seq
+    device = task.adapter.device
+    out = torch.full((len(task.cells),), seq, dtype=torch.long, device=device)
+    for activation, layer, source, mask in writes:
+        axes = _changed_axes(activation)
+        active = mask.active.to(device)
+        if not axes:
+            first = torch.zeros_like(out)
+        else:
+            axis = axes[0]
+            d = first_changed(task, source, task.adapter.hook_name(activation, layer), axis)
+            keep = next((k for a, k in mask.keeps() if a == axis), None)
+            if keep is None:
+                first = torch.full_like(out, d)
+            else:
+                rows = keep.to(device).any(1)  # [K | 1, size]
+                if d > 0:
+                    rows = rows.clone()
+                    rows[:, :d] = False
+                has = rows.any(1)
+                first = torch.where(has, rows.to(torch.int8).argmax(1), seq).expand(len(out))
+        out = torch.minimum(out, torch.where(active, first, seq))
+    positions = task.evaluate.logit_positions(seq)
+    last = seq - 1 if positions is None else max(int(t) for t in positions)
+    return torch.where(out > last, seq, out)
+
+
+def _suffix(tensor: torch.Tensor, axes: Sequence[int], first: int, seq: int) -> torch.Tensor:
+    """``tensor`` from position ``first`` on along ``axes`` (those of full length ``seq``)."""
+    for axis in axes:
+        if tensor.shape[axis] == seq:
+            tensor = tensor.narrow(axis, first, seq - first)
+    return tensor
+
+
+def _has_own_hooks(model: Any) -> bool:
+    """Whether hooks are registered on the model's hook points outside patchspec's passes."""
+    return any(
+        len(getattr(point, "_forward_hooks", ())) or len(getattr(point, "_forward_pre_hooks", ()))
+        for point in getattr(model, "hook_dict", {}).values()
+    )
+
+
 @attrs.frozen
 class BatchedEstimator:
     """Exact patching, many cells per forward pass (see the module docstring).
@@ -139,6 +237,9 @@ class BatchedEstimator:
         max_memory: Memory budget of one pass, bytes or a string such as ``"2GB"``.
         start_at_layer: Start each pass at its cells' first patched block (``False``: run every
             block, as the reference estimator does).
+        lean: Replay with lean blocks from each chunk's first changed position where the model
+            allows (:mod:`patchspec.model.lean`; ``False``: through the model's own blocks, at
+            every position).
     """
 
     name: ClassVar[str] = "batched"
@@ -146,9 +247,11 @@ class BatchedEstimator:
     cells_per_batch: int | None = attrs.field(default=None, validator=optional_count)
     max_memory: str | int | float | None = attrs.field(default=None, validator=optional_memory)
     start_at_layer: bool = attrs.field(default=True, validator=flag)
+    lean: bool = attrs.field(default=True, validator=flag)
 
-    def cells_per_pass(self, task: Task) -> int:
-        """``K``: the most cells one forward pass holds for this task."""
+    def cells_per_pass(self, task: Task, rows: int | None = None) -> int:
+        """``K``: the most cells one forward pass holds for this task, recomputing ``rows``
+        positions (default: all)."""
         adapter = task.adapter
         positions = task.evaluate.logit_positions(task.grid.sizes.seq)
         return choose_cells_per_batch(
@@ -159,10 +262,41 @@ class BatchedEstimator:
             dtype=adapter.dtype,
             cells_per_batch=self.cells_per_batch,
             max_memory=self.max_memory,
+            rows=rows,
         )
 
+    def lean_replay(self, task: Task) -> LeanReplay | None:
+        """The lean replay this task's chunks run on (``None``: the model's own blocks)."""
+        if "lean" not in task.memo:
+            lean = task.session.lean(task.grid.receiver) if self.lean and self.start_at_layer else None
+            if lean is not None:
+                adapter = task.adapter
+                names = {
+                    name
+                    for activation, layer in task.grid.sites
+                    for name in adapter.write_points(activation, layer)
+                    if name.startswith("blocks.")
+                }
+                if not lean.supports(names):
+                    log.info(
+                        "batched engine: %s patches hook points the lean replay does not model "
+                        "(%s); replaying the model's own blocks at every position",
+                        task.label, ", ".join(sorted(n for n in names if not lean.supports([n]))[:4]),
+                    )
+                    lean = None
+                elif _has_own_hooks(adapter.model):
+                    log.info(
+                        "batched engine: the model has hooks of its own registered; replaying "
+                        "its own blocks so that they fire"
+                    )
+                    lean = None
+            task.memo["lean"] = lean
+        lean_replay: LeanReplay | None = task.memo["lean"]
+        return lean_replay
+
     def chunks(self, task: Task) -> list[Chunk]:
-        """The task's cells grouped by start layer, in chunks of at most ``K``."""
+        """The task's cells grouped by start layer (and, replayed lean, by the first position
+        they change), in chunks of at most ``K``."""
         if self.start_at_layer:
             starts = start_layers(task)
         else:
@@ -170,22 +304,45 @@ class BatchedEstimator:
         limit = self.cells_per_pass(task)
         stats = task.memo.setdefault("stats", Stats())
         stats.cells, stats.cells_per_batch = len(task.cells), limit
-        return chunks_by_start(task.cells, starts, limit)
+        if not (starts >= 0).any() or self.lean_replay(task) is None:
+            return chunks_by_start(task.cells, starts, limit)
+        sizes = task.grid.sizes
+        writes = chunk_writes(task.grid, task.cells, task.adapter.device, task.memo)
+        firsts = first_positions(task, writes).cpu().numpy()
+        capacities: dict[int, int] = {}
 
-    def hooks(self, task: Task, chunk: Chunk) -> list[Hook]:
-        """The hooks that patch ``len(chunk)`` stacked copies, copy ``k`` as cell ``chunk.cells[k]``."""
+        def capacity(rows: int) -> int:
+            if rows not in capacities:
+                capacities[rows] = self.cells_per_pass(task, rows)
+            return capacities[rows]
+
+        device = task.adapter.device.type
+        return chunks_by_suffix(
+            task.cells, starts, firsts, seq=sizes.seq, batch=sizes.batch, capacity=capacity,
+            overhead=PASS_OVERHEAD_TOKENS["cpu" if device == "cpu" else "other"],
+        )
+
+    def hooks(self, task: Task, chunk: Chunk, first: int = 0) -> list[Hook]:
+        """The hooks that patch ``len(chunk)`` stacked copies, copy ``k`` as cell ``chunk.cells[k]``,
+        on activations that hold positions ``first``.. only (lean suffix replay)."""
         adapter = task.adapter
+        seq = task.grid.sizes.seq
         hooks: list[Hook] = []
         for activation, layer, source, mask in chunk_writes(
             task.grid, chunk.cells, adapter.device, task.memo
         ):
             hook_name = adapter.hook_name(activation, layer)
             values = source_values(task, source, hook_name)
+            dense = mask.dense()
+            if first:
+                axes = _changed_axes(activation)
+                values = _suffix(values, axes, first, seq)
+                dense = _suffix(dense, [a + 1 for a in axes], first, seq)
             hooks += write_hooks(
                 adapter.write_points(activation, layer),
                 layout(activation).writer,
                 values,
-                mask.dense(),
+                dense,
                 copies=len(chunk),
                 phase=write_phase(source, derived=layout(activation).writer == "resid_mid"),
                 combine=source_combine(task, source, hook_name),
@@ -203,8 +360,24 @@ class BatchedEstimator:
         copies = len(chunk)
         positions = task.evaluate.logit_positions(task.grid.sizes.seq)
         stats = task.memo.setdefault("stats", Stats())
+        seq = task.grid.sizes.seq
         with torch.inference_mode():
             counter = FireCounter()
+            lean = self.lean_replay(task) if chunk.start is not None else None
+            if lean is not None and chunk.start is not None:
+                first = min(chunk.first, seq)
+                # A chunk from the sequence's end changes nothing the metric reads: no hooks.
+                hooks = counter.counted(self.hooks(task, chunk, first)) if first < seq else []
+                logits = lean.run(chunk.start, copies, positions, hooks, first)
+                stats.lean += int(first < seq)
+                stats.replayed += int(first < seq)
+                stats.positions += copies * task.grid.sizes.batch * (seq - first) * (
+                    task.grid.sizes.n_layers - chunk.start
+                )
+                counter.check()
+                stats.forwards += int(first < seq)
+                stats.largest = max(stats.largest, copies)
+                return task.evaluate.many(logits, [int(i) for i in chunk.cells], positions)
             hooks = counter.counted(self.hooks(task, chunk))
             replay = session.replay(task.grid.receiver) if chunk.start is not None else None
             if replay is not None and chunk.start is not None:

@@ -309,7 +309,13 @@ def _hold(recipe: Recipe) -> Recipe:
 
 
 def run_chunk(
-    plugin: str, token: str, recipe: Recipe, index: int, cells: np.ndarray, start: int | None
+    plugin: str,
+    token: str,
+    recipe: Recipe,
+    index: int,
+    cells: np.ndarray,
+    start: int | None,
+    first: int = 0,
 ) -> torch.Tensor | Failed:
     """Compute one chunk on this worker (the task Dask runs): the values, on the CPU."""
     from distributed import get_worker
@@ -327,7 +333,7 @@ def run_chunk(
         sweep = holder.sweep(token, recipe)
         task = attrs.evolve(sweep.tasks[index], cells=np.asarray(cells, dtype=np.int64))
         with sweep.adapter.exclusive():
-            values = LocalExecutor().run(sweep.estimator, task, [Chunk(cells, start)], progress=False)
+            values = LocalExecutor().run(sweep.estimator, task, [Chunk(cells, start, first)], progress=False)
     except PatchSpecError as err:
         return Failed(err)
     return values.cpu()
@@ -459,6 +465,7 @@ class DaskExecutor:
                 origin.index,
                 chunk.cells,
                 chunk.start,
+                chunk.first,
                 key=f"patchspec-chunk-{origin.token[:12]}-{origin.index}-{i}",
                 retries=self.retries,
                 resources=dict(self.resources) if self.resources else None,

@@ -32,10 +32,14 @@ class Chunk:
     Attributes:
         cells: Flat cell indices into the task's grid.
         start: The first block any of them patches (``None``: outside the block stack).
+        first: The first token position any of them can change: positions before it keep the
+            receiving run's values in every block (causal suffix replay); the sequence length
+            when none changes anything the metric reads.
     """
 
     cells: np.ndarray
     start: int | None = None
+    first: int = 0
 
     def __len__(self) -> int:
         return int(self.cells.shape[0])

@@ -18,7 +18,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -26,6 +26,9 @@ from jaxtyping import Float, Int
 from patchspec.errors import HookError, InputError
 from patchspec.layouts import LAYOUTS, Layout, layout
 from patchspec.model.replay import Replay
+
+if TYPE_CHECKING:
+    from patchspec.model.lean import LeanReplay
 from patchspec.plan.sizes import Sizes
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,8 @@ class ModelAdapter:
             )
         self.model = model
         self._verified: dict[tuple[Any, ...], bool] = {}
+        #: Per input shape: the hook points the lean replay got wrong (``None``: not usable).
+        self._lean: dict[tuple[Any, ...], frozenset[str] | None] = {}
         self._hashes: tuple[tuple[Any, ...], str] | None = None
         self._layouts: dict[str, Layout] = {}
 
@@ -305,6 +310,37 @@ class ModelAdapter:
                     type(self.model).__name__,
                 )
         return replay if self._verified[key] else None
+
+    def lean(self, replay: Replay | None, tokens: torch.Tensor, logits: torch.Tensor) -> LeanReplay | None:
+        """The lean replay of a recorded pass (:mod:`patchspec.model.lean`), or ``None``.
+
+        The first time per input shape, dtype and device every hook point it models is checked
+        against the model's own ``run_with_cache`` (one extra unpatched pass); later passes of
+        that shape check the logits only.
+        """
+        if replay is None:
+            return None
+        from patchspec.model import lean as lean_module
+
+        key = (replay.batch, *tuple(logits.shape[1:2]), logits.dtype, logits.device)
+        if key in self._lean and self._lean[key] is None:
+            return None
+        cache = None
+        if key not in self._lean:
+            names = [f"blocks.{i}.{leaf}" for i in range(len(self.model.blocks))
+                     for leaf in lean_module.LOCATIONS]
+            known = [n for n in names if n in getattr(self.model, "hook_dict", {})]
+            _, cache = self.run_with_cache(tokens, known)
+        built = lean_module.build(self.model, replay, logits, cache)
+        if built is None:
+            self._lean[key] = None
+            return None
+        if key not in self._lean:
+            every = frozenset(f"blocks.{i}.{leaf}" for i in range(len(built.blocks))
+                              for leaf in lean_module.LOCATIONS)
+            self._lean[key] = every - built.supported
+        built.drop(self._lean[key] or ())
+        return built
 
     # --- provenance ---------------------------------------------------------------------------
     def fingerprint(self, *, full: bool = False) -> dict[str, str]:

@@ -40,6 +40,7 @@ from patchspec.model.replay import Replay
 from patchspec.sources import Clean, Corrupted, Receiver, Resample
 
 if TYPE_CHECKING:
+    from patchspec.model.lean import LeanReplay
     from patchspec.plan.grid import Grid
     from patchspec.plan.positions import Positions
 
@@ -476,6 +477,7 @@ class Session:
         self._reference_read: dict[str, Inputs] = {}
         self._memo: dict[Any, torch.Tensor] = {}
         self._replays: dict[Receiver, Replay | None] = {}
+        self._leans: dict[Receiver, Any] = {}
 
     @property
     def batch(self) -> int:
@@ -520,6 +522,14 @@ class Session:
         if which not in self._replays:
             self._run(which)
         return self._replays[which]
+
+    def lean(self, which: Receiver) -> LeanReplay | None:
+        """The checked lean replay of one receiving run (:mod:`patchspec.model.lean`), or
+        ``None`` when the model's blocks are not of a kind it models."""
+        if which not in self._leans:
+            self._leans[which] = self.adapter.lean(self.replay(which), self.tokens(which), self.logits(which))
+        lean: LeanReplay | None = self._leans[which]
+        return lean
 
     def position_axes(self, hook_name: str) -> tuple[int, ...]:
         """Axes of the activation at ``hook_name`` that index token positions."""

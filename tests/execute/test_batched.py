@@ -184,24 +184,31 @@ def test_equals_reference(model, spec):
 
 # --- chunk sizes and the memory budget -----------------------------------------------------------
 def test_results_do_not_depend_on_k(gpt2):
-    """cells_per_batch, max_memory and start_at_layer change the passes, never the values."""
+    """cells_per_batch, max_memory, start_at_layer and lean change the passes, never the values
+    (the chunk sizes checked are those of the model's own blocks; lean ones are cut by their
+    first position too)."""
     run = start(gpt2, metrics.logit_diff(5, 7))
     task = task_of(run, compile(catalog.HEAD_OUT_BY_POS, run.sizes))
-    want, stats = execute(task, BatchedEstimator(cells_per_batch=1))
+    want, stats = execute(task, BatchedEstimator(lean=False, cells_per_batch=1))
     assert stats.largest == 1 and stats.forwards == 48
     # 24 cells start at each layer, cut as evenly as K allows; 48 share one full pass.
     for estimator, largest in (
-        (BatchedEstimator(cells_per_batch=2), 2),
-        (BatchedEstimator(cells_per_batch=7), 6),
-        (BatchedEstimator(cells_per_batch=1000), 24),
-        (BatchedEstimator(max_memory="1MB"), 12),
-        (BatchedEstimator(cells_per_batch=7, max_memory="300KB"), 5),
-        (BatchedEstimator(), 24),
-        (BatchedEstimator(start_at_layer=False), 48),
+        (BatchedEstimator(lean=False, cells_per_batch=2), 2),
+        (BatchedEstimator(lean=False, cells_per_batch=7), 6),
+        (BatchedEstimator(lean=False, cells_per_batch=1000), 24),
+        (BatchedEstimator(lean=False, max_memory="1MB"), 12),
+        (BatchedEstimator(lean=False, cells_per_batch=7, max_memory="300KB"), 5),
+        (BatchedEstimator(lean=False), 24),
+        (BatchedEstimator(lean=False, start_at_layer=False), 48),
     ):
         got, stats = execute(task, estimator)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert stats.cells == 48 and stats.largest == largest <= stats.cells_per_batch
+        lean, lean_stats = execute(task, attrs.evolve(estimator, lean=True))
+        torch.testing.assert_close(lean, want, rtol=1e-5, atol=1e-6)
+        assert (lean_stats.lean > 0) == estimator.start_at_layer
+        if estimator.cells_per_batch is not None:
+            assert lean_stats.largest <= estimator.cells_per_batch
     spec_values = values_of(gpt2, catalog.HEAD_OUT_BY_POS, metrics.logit_diff(5, 7), max_memory=1)
     torch.testing.assert_close(spec_values, want, rtol=1e-5, atol=1e-6)
 
@@ -235,7 +242,7 @@ def test_budget_is_used_by_the_engine(gpt2):
     task = task_of(run, compile(catalog.HEAD_OUT_BY_POS, run.sizes))
     results = {}
     for budget in ("300KB", "100MB"):
-        values, stats = execute(task, BatchedEstimator(max_memory=budget))
+        values, stats = execute(task, BatchedEstimator(lean=False, max_memory=budget))
         expected = choose_cells_per_batch(
             task.grid.sizes,
             d_vocab=task.adapter.d_vocab,
@@ -309,7 +316,7 @@ def test_out_of_memory_splits_and_retries(gpt2, monkeypatch, error):
     is lost or changed."""
     run = start(gpt2, metrics.logit_diff(5, 7))
     task = task_of(run, compile(catalog.HEAD_OUT_BY_POS, run.sizes))
-    want, _ = execute(task, BatchedEstimator(cells_per_batch=4))
+    want, _ = execute(task, BatchedEstimator(lean=False, cells_per_batch=4))
     assert task.session.replay(task.grid.receiver) is not None  # recorded before patching run
     real_run = Replay.run
     raised: list[int] = []
@@ -322,7 +329,7 @@ def test_out_of_memory_splits_and_retries(gpt2, monkeypatch, error):
 
     monkeypatch.setattr(Replay, "run", tight)
     executor = LocalExecutor()
-    got, stats = execute(task, BatchedEstimator(cells_per_batch=48), executor)
+    got, stats = execute(task, BatchedEstimator(lean=False, cells_per_batch=48), executor)
     # 24 cells per start layer: 24 -> 12 -> 6 -> 3 runs out of memory three times, then every
     # later chunk (the second layer's too) is cut to 3 cells before it runs.
     assert raised == [24, 12, 6] and executor.splits == 3
@@ -342,7 +349,7 @@ def test_out_of_memory_on_one_cell_is_raised(gpt2, monkeypatch):
     monkeypatch.setattr(Replay, "run", never)
     executor = LocalExecutor()
     with pytest.raises(torch.OutOfMemoryError):
-        execute(task, BatchedEstimator(cells_per_batch=4), executor)
+        execute(task, BatchedEstimator(lean=False, cells_per_batch=4), executor)
     assert executor.splits == 2  # 4 -> 2 -> 1, then the single cell fails
 
 
@@ -360,7 +367,7 @@ def test_other_errors_are_not_retried(gpt2, monkeypatch):
     monkeypatch.setattr(Replay, "run", broken)
     executor = LocalExecutor()
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        execute(task, BatchedEstimator(cells_per_batch=6), executor)
+        execute(task, BatchedEstimator(lean=False, cells_per_batch=6), executor)
     assert calls == [6] and executor.splits == 0
 
 
