@@ -326,3 +326,23 @@ def test_the_qk_fix_refuses_a_rotation_it_does_not_reproduce(qwen2, monkeypatch)
     monkeypatch.setattr(qk, "rotate", lambda x, cos, sin: real(x, cos.flip(-1), sin))
     with pytest.raises(ps.InputError, match="another rotary convention"):
         catalog.HEAD_Q_BY_POS.run(qwen2, clean, corrupted, LD, estimator="atp*", progress=False)
+
+
+def test_the_name_is_accepted_where_estimators_are(tmp_path):
+    """RunOptions, the CLI and experiment files take estimator='graddrop'; ig_steps with it is
+    refused before any pass."""
+    from patchspec import cli
+    from patchspec.experiment import load_experiment
+    from patchspec.options import RunOptions
+
+    assert RunOptions(estimator="graddrop").estimator == "graddrop"
+    assert "graddrop" in cli.ESTIMATORS
+    with pytest.raises(ps.OptionError, match="but estimator is 'graddrop'"):
+        RunOptions(estimator="graddrop", ig_steps=2)
+    path = tmp_path / "exp.toml"
+    path.write_text(
+        '[model]\npath = "toy"\n[prompts]\nclean = ["milk cake sun milk cake"]\n'
+        'corrupted = ["dog cake bus milk cake"]\n[metric]\nkind = "logit_diff"\nanswer = "sun"\n'
+        'wrong = "bus"\n[[specs]]\ncatalog = "HEAD_OUT_BY_POS"\n[run]\nestimator = "graddrop"\n'
+    )
+    assert load_experiment(path).options == {"estimator": "graddrop"}
