@@ -346,3 +346,18 @@ def test_the_name_is_accepted_where_estimators_are(tmp_path):
         'wrong = "bus"\n[[specs]]\ncatalog = "HEAD_OUT_BY_POS"\n[run]\nestimator = "graddrop"\n'
     )
     assert load_experiment(path).options == {"estimator": "graddrop"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_rotary_qk_fix_in_half_precision(tmp_path, dtype):
+    """On a float16 / bfloat16 Qwen2 the rotation checks allow the model's own rounding, and the
+    QK fix tracks the float32 one (the effects, ~1e-4 here, are below what half-precision exact
+    patching resolves, so the float32 estimate is the reference)."""
+    clean, corrupted = prompts()
+    spec = catalog.HEAD_K_BY_POS
+    runs = []
+    for name, kind in (("f", torch.float32), ("h", dtype)):
+        model = tiny_model(VOCAB, tmp_path / name, architecture="qwen2", dtype=kind, device="cpu")
+        star = spec.run(model, clean, corrupted, LD, estimator="atp*", progress=False)
+        runs.append(star.values - star.attrs["corrupted_baseline"])
+    assert np.corrcoef(runs[0].ravel(), runs[1].ravel())[0, 1] > 0.999
