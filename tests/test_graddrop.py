@@ -115,6 +115,18 @@ def test_graddrop_equals_a_hand_written_loop(deep, kind):
     )
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_the_last_layer_scores_plain_atp(deep, kind):
+    """A last-layer node loses nothing to earlier drops (they are upstream) and its own drop
+    zeroes it: its score is (L - 1) |AtP| / (L - 1) = |AtP|, per example."""
+    model = deep[kind]
+    clean, corrupted = prompts(n=3)
+    for spec in (catalog.HEAD_OUT_BY_POS.sel(layer=2), catalog.MLP_NEURON_POST.sel(layer=2)):
+        atp = spec.run(model, clean, corrupted, LD_EACH, estimator="atp", progress=False)
+        score = spec.run(model, clean, corrupted, LD_EACH, estimator="graddrop", progress=False)
+        np.testing.assert_allclose(score.values, abs(atp.patch.effect()).values, rtol=1e-5, atol=1e-7)
+
+
 def test_a_mean_metric_scores_the_mean_of_per_example_scores(deep):
     """A mean-reduced metric's score is the mean over examples of the per-example scores (the
     paper's expectation of |AtP_l|), not the |.| of the mean."""
