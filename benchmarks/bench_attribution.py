@@ -16,6 +16,8 @@ logit difference), and random-weight GPT-2 shapes ``medium`` (6 layers, d_model 
 difference. On a random-weight model agreement says little; the timings are the point there.
 ``--exact-cells N`` patches only ``N`` cells (drawn at random) exactly and extrapolates the
 exact time from them (agreement is then over those cells; recall needs the full grid).
+``--estimator`` times another estimator in AtP's place (``atp*``, ``graddrop``; a GradDrop score
+is compared with ``|exact effect|``).
 
 Run from the repository root, e.g.::
 
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--exact-cells", type=int, default=None)
     parser.add_argument("--grids", nargs="*", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--estimator", default="atp", choices=["atp", "atp*", "graddrop"])
     args = parser.parse_args()
     model, clean, corrupted, metric = _model(args.model, args.batch, args.length, args.device)
     cfg = model.cfg
@@ -95,7 +98,7 @@ def main() -> None:
         f"{args.device}, {torch.get_num_threads()} threads; model {args.model} "
         f"({cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads), batch {args.batch}"
     )
-    print(f"{'grid':24} {'cells':>9} {'exact s':>9} {'atp s':>7} {'speedup':>8} "
+    print(f"{'grid':24} {'cells':>9} {'exact s':>9} {args.estimator + ' s':>7} {'speedup':>8} "
           f"{'pearson':>8} {'spearman':>8} {'top10@10':>8} {'top10@50':>8}")
     for name in args.grids:
         spec = GRIDS[name]
@@ -113,14 +116,18 @@ def main() -> None:
         exact_s = time.perf_counter() - t0
         if cells is not None:
             exact_s *= n / len(cells)
-        spec.run(model, clean, corrupted, metric, estimator="atp", progress=False)  # warm up
+        estimator = args.estimator
+        spec.run(model, clean, corrupted, metric, estimator=estimator, progress=False)  # warm up
         _sync(args.device)
         t0 = time.perf_counter()
-        atp = spec.run(model, clean, corrupted, metric, estimator="atp", progress=False)
+        atp = spec.run(model, clean, corrupted, metric, estimator=estimator, progress=False)
         _sync(args.device)
         atp_s = time.perf_counter() - t0
         e = exact.cpu().numpy().astype(np.float64) - float(corrupted_base)
-        a = atp.values.reshape(-1) - atp.attrs["corrupted_baseline"]
+        if atp.attrs.get("quantity") == "score":  # unsigned: against |exact effect|
+            e, a = np.abs(e), atp.values.reshape(-1)
+        else:
+            a = atp.values.reshape(-1) - atp.attrs["corrupted_baseline"]
         chosen = np.arange(n) if cells is None else cells
         e, a_sub = e[chosen], a[chosen]
         pearson = stats.pearsonr(e, a_sub).statistic

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: ``--help`` needs no torch; a test keeps the two in step.
 ENGINES = ("batched", "reference")
 #: The built-in estimators (``patchspec.attribution.ESTIMATOR_NAMES``), likewise.
-ESTIMATORS = ("exact", "atp", "atp*", "ig")
+ESTIMATORS = ("exact", "atp", "atp*", "graddrop", "ig")
 
 #: The catalogue specs the demo sweeps, by name (see :func:`demo_specs`).
 DEMO_SPEC_NAMES = (
@@ -488,7 +488,8 @@ def parser() -> argparse.ArgumentParser:
         "--estimator",
         choices=ESTIMATORS,
         help="exact (default: patch every cell) or an estimate of every cell from a few passes: "
-        "atp (attribution patching), atp* (AtP with the QK fix) or ig (integrated gradients); see "
+        "atp (attribution patching), atp* (AtP with the QK fix), graddrop (AtP* with GradDrop: an "
+        "unsigned ranking score) or ig (integrated gradients); see "
         "docs/attribution.md",
     )
     common(r, "output folder (default: [output] folder of the file)")

@@ -153,7 +153,9 @@ class RunOptions:
             fingerprint of names, shapes, dtypes and a sample of values).
         estimator: ``"exact"`` (default: exact patching by ``engine``), ``"atp"`` (attribution
             patching, a first-order estimate of every cell from one gradient pass), ``"atp*"``
-            (AtP with the QK fix for query, key and score cells), ``"ig"``
+            (AtP with the QK fix for query, key and score cells), ``"graddrop"`` (AtP* with
+            GradDrop: an unsigned ranking score per cell, ``attrs["quantity"] == "score"``, not
+            an estimate of the effect), ``"ig"``
             (integrated gradients along each hook point's path), or an estimator object (see
             :mod:`patchspec.attribution`).
         ig_steps: Steps along the path of ``estimator="ig"`` (default 8).

@@ -563,7 +563,9 @@ def plot_agreement(
 
     The exact effect above the estimated effect, as heatmaps on one colour scale, and beside
     them a scatter of estimate against exact (one dot per cell, averaged over examples) with the
-    line ``y = x`` and their Pearson and Spearman correlations (``scipy.stats``).
+    line ``y = x`` and their Pearson and Spearman correlations (``scipy.stats``). An unsigned
+    score (``estimator="graddrop"``, ``attrs["quantity"] == "score"``) is drawn beside, and
+    compared with, the exact result's ``|effect|``.
 
     Args:
         exact: A raw result of ``spec.run(...)`` (exact; 1-2 dims once averaged over examples).
@@ -589,12 +591,18 @@ def plot_agreement(
     """
     from matplotlib.figure import Figure
 
-    from patchspec.stats import agreement, effect_values
+    from patchspec.stats import agreement, comparable_values
 
     scores = agreement(exact, estimate)  # checks the grids first
-    effects = [r.patch.effect() for r in (exact, estimate)]
-    effects = [e.mean("example") if "example" in e.dims else e for e in effects]
-    x, y = effect_values(exact), effect_values(estimate)
+    score = estimate.attrs.get("quantity") == "score"  # unsigned: beside |exact effect|
+    if score:
+        magnitude = abs(exact.patch.effect())
+        magnitude.attrs["formula"] = "|" + str(magnitude.attrs.get("formula", "effect")) + "|"
+        effects = [magnitude, estimate]
+    else:
+        effects = [r.patch.effect() for r in (exact, estimate)]
+    effects = [e.mean("example", keep_attrs=True) if "example" in e.dims else e for e in effects]
+    x, y = comparable_values(exact, estimate)
     finite = np.isfinite(x) & np.isfinite(y)
     x, y = x[finite], y[finite]
     vmax = float(max(np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0))) or 1.0
@@ -608,8 +616,8 @@ def plot_agreement(
     scatter = right.subplots()
     scatter.scatter(x, y, s=12, alpha=0.7)
     scatter.plot([-vmax, vmax], [-vmax, vmax], color="grey", linestyle="--", linewidth=1)
-    scatter.set_xlabel("exact effect")
-    scatter.set_ylabel(f"{name} effect")
+    scatter.set_xlabel("|exact effect|" if score else "exact effect")
+    scatter.set_ylabel(f"{name} score" if score else f"{name} effect")
     scatter.set_title(
         f"Pearson {scores['pearson']:.3f}, Spearman {scores['spearman']:.3f}", fontsize="medium"
     )

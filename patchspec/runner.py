@@ -431,6 +431,8 @@ def label(
         "exact": bool(estimator.exact),
         "executor": run.executor.name,
         **run.provenance,
+        # an estimator whose values are not patched metric values says what they are
+        **dict(getattr(estimator, "result_attrs", None) or {}),
     }
     keys = tuple(dict.fromkeys(k for s in spec.sources for k in s.tensor_keys()))
     if keys:

@@ -1056,7 +1056,9 @@ class Sweep:
             estimator: ``"exact"`` (default: exact patching, by ``engine``), ``"atp"``
                 (attribution patching: every cell estimated to first order from one forward and
                 one backward pass), ``"atp*"`` (AtP with the QK fix for query, key and score
-                cells), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
+                cells), ``"graddrop"`` (AtP* with GradDrop, one backward pass per layer: an
+                unsigned ranking score, ``attrs["quantity"] == "score"``, not an estimate of
+                the effect), ``"ig"`` (integrated gradients, ``ig_steps`` passes per hook
                 point), or an :class:`~patchspec.execute.Estimator`. An estimate has the dims,
                 coordinates and attrs of the exact result, with ``attrs["exact"] = False``;
                 check its top cells with :func:`patchspec.verify`. See

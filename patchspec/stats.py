@@ -492,6 +492,10 @@ def agreement(exact: xr.DataArray, estimate: xr.DataArray) -> dict[str, float | 
     Spearman correlations (``scipy.stats``; NaN when either is constant or under 3 cells), and
     whether the largest cell is the same one.
 
+    An unsigned score (``estimator="graddrop"``, ``attrs["quantity"] == "score"``) is compared
+    with the exact result's ``|effect|`` (per example, then averaged over examples, as the score
+    is), never with the signed effect.
+
     Example:
         >>> grid = {"dims": ("layer",), "attrs": {"clean_baseline": 1.0, "corrupted_baseline": 0.0}}
         >>> exact = xr.DataArray([0.1, 0.9, 0.3], **grid)
@@ -499,7 +503,7 @@ def agreement(exact: xr.DataArray, estimate: xr.DataArray) -> dict[str, float | 
         True
 
     Raises:
-        InputError: the two results are not on the same grid.
+        InputError: the two results are not on the same grid, or ``exact`` is a score.
     """
     from scipy import stats
 
@@ -508,7 +512,7 @@ def agreement(exact: xr.DataArray, estimate: xr.DataArray) -> dict[str, float | 
             f"the exact result {dict(exact.sizes)} and the estimate {dict(estimate.sizes)} are "
             "not on the same grid; run the same spec with both estimators"
         )
-    x, y = effect_values(exact), effect_values(estimate)
+    x, y = comparable_values(exact, estimate)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     varied = x.size > 2 and bool(x.std()) and bool(y.std())
@@ -518,6 +522,34 @@ def agreement(exact: xr.DataArray, estimate: xr.DataArray) -> dict[str, float | 
         "spearman": float(stats.spearmanr(x, y)[0]) if varied else math.nan,
         "same_top": bool(x.size) and int(np.argmax(x)) == int(np.argmax(y)),
     }
+
+
+def comparable_values(
+    exact: xr.DataArray, estimate: xr.DataArray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact result's and the estimate's values to compare, flat: their effects, or for a
+    score estimate (``attrs["quantity"] == "score"``) ``|effect|`` of the exact result against
+    the score, each averaged over examples.
+
+    Raises:
+        InputError: ``exact`` is itself a score.
+    """
+    if exact.attrs.get("quantity") == "score":
+        raise InputError(
+            f"the exact result {exact.name!r} is a score (attrs['quantity'] == 'score', "
+            f"estimator {exact.attrs.get('estimator')!r}); pass the exact result first and "
+            "the estimate second"
+        )
+    if estimate.attrs.get("quantity") != "score":
+        return effect_values(exact), effect_values(estimate)
+    magnitude = abs(exact.patch.effect())
+    if "example" in magnitude.dims:
+        magnitude = magnitude.mean("example")
+    score = estimate.mean("example") if "example" in estimate.dims else estimate
+    return (
+        np.asarray(magnitude.values, dtype=float).ravel(),
+        np.asarray(score.values, dtype=float).ravel(),
+    )
 
 
 def effect_values(result: xr.DataArray) -> np.ndarray:

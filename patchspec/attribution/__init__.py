@@ -6,13 +6,16 @@ exact verification.
 * :mod:`~patchspec.attribution.atp`: :class:`AtP`, attribution patching (Nanda 2023; Kramar et
   al. 2024) on the batched engine's masks;
 * :mod:`~patchspec.attribution.qk`: :class:`AtPStar`, AtP with the QK fix for query, key and
-  score cells (``estimator="atp*"``; GradDrop is not implemented);
+  score cells (``estimator="atp*"``), rotary models included;
+* :mod:`~patchspec.attribution.graddrop`: :class:`GradDrop`, AtP* with GradDrop
+  (``estimator="graddrop"``): an unsigned ranking score, ``attrs["quantity"] = "score"``;
 * :mod:`~patchspec.attribution.ig`: :class:`IntegratedGradients` along each hook point's path;
 * :mod:`~patchspec.attribution.verify`: :func:`verify`, exact patching of an estimate's top
   cells and a random sample, with an upper confidence bound on what the estimate missed.
 
 ``spec.run(..., estimator="atp")`` (or ``"ig"`` with ``ig_steps=``) returns an estimate with the
-dims, coordinates and attrs of the exact result, ``attrs["exact"] = False``.
+dims, coordinates and attrs of the exact result, ``attrs["exact"] = False``
+(``"graddrop"``: a score, not an estimate of the effect).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 from patchspec.attribution.atp import AtP, contract
+from patchspec.attribution.graddrop import GradDrop
 from patchspec.attribution.ig import IntegratedGradients
 from patchspec.attribution.qk import AtPStar
 from patchspec.errors import OptionError, did_you_mean
 from patchspec.execute.protocols import Estimator
 
 #: The names ``estimator=`` takes: ``"exact"`` runs the exact engine ``engine=`` names.
-ESTIMATOR_NAMES = ("exact", "atp", "atp*", "ig")
+ESTIMATOR_NAMES = ("exact", "atp", "atp*", "graddrop", "ig")
 
 
 def check_estimator(value: Any) -> None:
@@ -70,6 +74,8 @@ def attribution_estimator(
         return AtP(max_memory=max_memory)
     if estimator == "atp*":
         return AtPStar(max_memory=max_memory)
+    if estimator == "graddrop":
+        return GradDrop(max_memory=max_memory)
     if estimator == "ig":
         return IntegratedGradients(
             ig_steps=8 if ig_steps is None else ig_steps, max_memory=max_memory
@@ -89,6 +95,7 @@ __all__ = [
     "ESTIMATOR_NAMES",
     "AtP",
     "AtPStar",
+    "GradDrop",
     "IntegratedGradients",
     "attribution_estimator",
     "check_estimator",

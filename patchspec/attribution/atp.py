@@ -138,11 +138,25 @@ class AtP:
         return metric_gradients(task, points)
 
     def point_gradient(
-        self, task: Task, activation: str, layer: int, source: Source, metric: int
+        self,
+        task: Task,
+        activation: str,
+        layer: int,
+        source: Source,
+        metric: int,
+        dropped: int | None = None,
     ) -> torch.Tensor:
-        """The gradient a write of ``source``'s values into ``activation`` is linearised with."""
+        """The gradient a write of ``source``'s values into ``activation`` is linearised with
+        (``dropped``: the layer whose residual write's gradient is dropped, for GradDrop)."""
+        point = gradient_point(task.adapter, activation, layer)
+        return self.gradient_at(task, point, layer, metric, dropped)
+
+    def gradient_at(
+        self, task: Task, point: str, layer: int, metric: int, dropped: int | None = None
+    ) -> torch.Tensor:
+        """The gradient of metric ``metric`` at hook point ``point`` (of layer ``layer``)."""
         grads: Gradients = self._gradients(task)
-        return grads.grads[metric][gradient_point(task.adapter, activation, layer)]
+        return grads.grads[metric][point]
 
     # --- the estimator protocol ------------------------------------------------------------
     def chunks(self, task: Task) -> list[Chunk]:
@@ -163,23 +177,36 @@ class AtP:
         return task.memo["gradients"]  # type: ignore[no-any-return]
 
     def product(
-        self, task: Task, activation: str, layer: int, source: Source, metric: int
+        self,
+        task: Task,
+        activation: str,
+        layer: int,
+        source: Source,
+        metric: int,
+        dropped: int | None = None,
     ) -> torch.Tensor:
         """``(source - receiving) * gradient`` at one write, ``[batch, ...]`` float32 (kept per task)."""
-        key = ("product", activation, layer, _key(source), metric)
+        key = ("product", activation, layer, _key(source), metric, dropped)
         if key not in task.memo:
             hook_name = task.adapter.hook_name(activation, layer)
             new = written_values(task, source, hook_name).float()
             old = task.session.activation(task.grid.receiver, hook_name).float()
-            grad = self.point_gradient(task, activation, layer, source, metric)
+            grad = self.point_gradient(task, activation, layer, source, metric, dropped)
             task.memo[key] = (new - old) * grad
         return task.memo[key]  # type: ignore[no-any-return]
 
     def write_delta(
-        self, task: Task, activation: str, layer: int, source: Source, mask: Mask, metric: int
+        self,
+        task: Task,
+        activation: str,
+        layer: int,
+        source: Source,
+        mask: Mask,
+        metric: int,
+        dropped: int | None = None,
     ) -> torch.Tensor:
         """``[K, batch]``: the first-order change of metric ``metric`` from one write."""
-        return contract(mask, self.product(task, activation, layer, source, metric))
+        return contract(mask, self.product(task, activation, layer, source, metric, dropped))
 
     def cell_elements(self, task: Task) -> int:
         """The most float32 values one cell's contraction touches (per example)."""

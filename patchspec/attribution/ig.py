@@ -54,7 +54,13 @@ class IntegratedGradients(AtP):
         return metric_gradients(task, [])
 
     def point_gradient(
-        self, task: Task, activation: str, layer: int, source: Source, metric: int
+        self,
+        task: Task,
+        activation: str,
+        layer: int,
+        source: Source,
+        metric: int,
+        dropped: int | None = None,
     ) -> torch.Tensor:
         """The gradient at ``activation``'s hook point averaged along the path to ``source``."""
         point = gradient_point(task.adapter, activation, layer)

@@ -42,9 +42,21 @@ def _count(value: Any, name: str) -> int:
     return int(value)
 
 
+def is_score(array: xr.DataArray) -> bool:
+    """Whether ``array`` holds an unsigned ranking score (``estimator="graddrop"``:
+    ``attrs["quantity"] == "score"``), not patched metric values.
+
+    Example:
+        >>> is_score(xr.DataArray([0.5], dims="layer", attrs={"quantity": "score"}))
+        True
+    """
+    return array.attrs.get("quantity") == "score"
+
+
 def effect_scores(array: xr.DataArray, n_grid_dims: int) -> np.ndarray:
     """One score per cell: ``|value - receiving baseline|``, averaged over examples before the
-    absolute value and maximised over metrics; NaN where the cell was not measured.
+    absolute value and maximised over metrics; NaN where the cell was not measured. A score
+    (:func:`is_score`, already ``>= 0``) is ranked by its value, averaged over examples.
 
     Example:
         >>> a = xr.DataArray([[1.0, 3.0], [2.0, 2.0]], dims=("pos", "example"),
@@ -53,7 +65,7 @@ def effect_scores(array: xr.DataArray, n_grid_dims: int) -> np.ndarray:
         [1.0, 1.0]
     """
     receiver = array.attrs.get("receiver", "corrupted")
-    base = array.attrs.get(f"{receiver}_baseline")
+    base = None if is_score(array) else array.attrs.get(f"{receiver}_baseline")
     values = np.asarray(array.values, dtype=np.float64)
     if base is not None:
         values = values - np.asarray(base, dtype=np.float64)
@@ -131,6 +143,9 @@ def verify(
         progress, cells_per_batch, max_memory: As for ``spec.run``.
         tensors: The run-time tensors the spec's sources name, as for ``spec.run``; they must
             be the ones the estimate records (``attrs["tensors"]``, by SHA-256).
+
+    An estimate that is a score (``estimator="graddrop"``, ``attrs["quantity"] == "score"``) is
+    ranked by its value (already unsigned), and the Dataset's ``estimate_quantity`` attr says so.
 
     Returns:
         A Dataset with ``estimate``, ``exact`` (NaN where not measured), ``checked`` (``"top"``,
@@ -243,6 +258,13 @@ def verify(
             "exceed_cells_upper": upper * unverified,
             "confidence": float(confidence),
             "statistic": STATISTIC,
-            "score": "|value - receiving baseline|, mean over examples, max over metrics",
+            "estimate_quantity": "score" if is_score(estimate) else "patched metric value",
+            "score": (
+                "estimate ranked by its score (unsigned, not an effect), mean over examples, max "
+                "over metrics; exact: |value - receiving baseline|, mean over examples, max "
+                "over metrics"
+                if is_score(estimate)
+                else "|value - receiving baseline|, mean over examples, max over metrics"
+            ),
         },
     )
