@@ -43,7 +43,7 @@ from patchspec import runner
 from patchspec.catalog import STACKS, TABLE, Entry, Stack
 from patchspec.errors import MetricError, PatchSpecError, SpecError, did_you_mean
 from patchspec.layouts import layout
-from patchspec.metrics import Metric
+from patchspec.metrics import Metric, _device_index
 from patchspec.model.adapter import ModelAdapter
 from patchspec.options import RunOptions
 from patchspec.plan.cells import Cell, Region, normalise_int
@@ -607,8 +607,7 @@ def _tl_metric(name: str, fn: Callable[[torch.Tensor], Any], held: tuple[int, ..
         if at is None:
             return fn(logits)
         full = logits.new_full((logits.shape[0], seq, logits.shape[2]), float("nan"))
-        full[:, list(at)] = logits
-        return fn(full)
+        return fn(full.index_copy_(1, _device_index(tuple(at), logits.device), logits))
 
     return Metric(name, call, held, reduce=None)
 
@@ -782,7 +781,7 @@ def get_act_patch_resid_pre(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -807,7 +806,7 @@ def get_act_patch_resid_mid(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -832,7 +831,7 @@ def get_act_patch_attn_out(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -857,7 +856,7 @@ def get_act_patch_mlp_out(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -882,7 +881,7 @@ def get_act_patch_attn_head_out_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -907,7 +906,7 @@ def get_act_patch_attn_head_q_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -932,7 +931,7 @@ def get_act_patch_attn_head_k_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -957,7 +956,7 @@ def get_act_patch_attn_head_v_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -982,7 +981,7 @@ def get_act_patch_attn_head_pattern_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index, dest_pos], or a ``PatchingResult`` as in TransformerLens.
@@ -1007,7 +1006,7 @@ def get_act_patch_attn_head_pattern_dest_src_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index, dest_pos, src_pos], or a ``PatchingResult`` as in TransformerLens.
@@ -1032,7 +1031,7 @@ def get_act_patch_attn_head_out_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -1057,7 +1056,7 @@ def get_act_patch_attn_head_q_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -1082,7 +1081,7 @@ def get_act_patch_attn_head_k_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -1107,7 +1106,7 @@ def get_act_patch_attn_head_v_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -1132,7 +1131,7 @@ def get_act_patch_attn_head_pattern_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index], or a ``PatchingResult`` as in TransformerLens.
@@ -1392,3 +1391,5 @@ def get_act_patch_direct_path_all_sources(
 
 
 __all__ += ["get_act_patch_direct_path", "get_act_patch_direct_path_all_sources"]
+
+__all__ += ["metric_positions"]
