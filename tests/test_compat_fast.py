@@ -9,6 +9,8 @@ import logging
 import pytest
 import torch
 import transformer_lens.patching as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import patchspec.compat as compat
 from patchspec import MetricError, PatchSpecError, catalog
@@ -214,3 +216,31 @@ def test_deferred_non_finite_names_the_cell(gpt2, tokens):
     metric = ps_metrics.Metric("row", rowwise, (-1,), rowwise=True)
     with pytest.raises(MetricError, match=r"'row' returned a non-finite value inf at layer=0, pos=3"):
         catalog.RESID_PRE.run(gpt2, *tokens, metric)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    positions=st.lists(st.integers(-6, 5), min_size=1, max_size=3),
+    token=st.integers(3, 40),
+    per_prompt=st.booleans(),
+)
+def test_fast_equals_reference_property(qwen2, tokens, positions, token, per_prompt):
+    """For metrics reading any set of positions (per prompt or shared), the probed fast path
+    finds exactly those positions and equals the reference engine on full logits."""
+    clean, corrupted = tokens
+    _, cache = qwen2.run_with_cache(clean)
+    read = sorted({p % 6 for p in positions})
+
+    def metric(logits):
+        if per_prompt:  # prompt b reads position read[b % len(read)]
+            at = torch.tensor([read[b % len(read)] for b in range(logits.shape[0])])
+            return logits[torch.arange(logits.shape[0]), at, token].mean()
+        return logits[:, positions, token].sum(1).mean()
+
+    wanted = sorted({read[b % len(read)] for b in range(2)}) if per_prompt else read
+    assert compat.metric_positions(metric, qwen2(corrupted)) == (None if len(wanted) == 6 else tuple(wanted))
+    fast = compat.get_act_patch_resid_pre(qwen2, corrupted, cache, metric, progress=False)
+    oracle = compat.get_act_patch_resid_pre(
+        qwen2, corrupted, cache, metric, progress=False, engine="reference", metric_positions="all"
+    )
+    torch.testing.assert_close(fast, oracle, rtol=1e-5, atol=1e-5)

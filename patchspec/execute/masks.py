@@ -215,7 +215,7 @@ def part_writes(
         named = []
         for axis, column, table, size in prep.named:
             at = grid.columns(cells, np.asarray([column]))[:, 0]
-            rows = table[torch.from_numpy(np.ascontiguousarray(at)).to(device)]
+            rows = table[torch.from_numpy(np.ascontiguousarray(at)).to(device, non_blocking=True)]
             named.append((axis, _one_hot(rows, size)))
         factors = (*named, *factors)
     if prep.layer_column is None:
@@ -243,7 +243,7 @@ def part_writes(
                 for sel in (at_layer, of_source):
                     if sel is not None:
                         chosen &= sel
-                active = torch.from_numpy(chosen).to(device)
+                active = torch.from_numpy(chosen).to(device, non_blocking=True)
             mask = Mask(active, factors, prep.ndim, packed, prep.blocks)
             if prep.source_column is not None:
                 source = part.source(source, grid.positions)
