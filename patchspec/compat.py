@@ -333,12 +333,14 @@ class _Job:
     index_axis_names: Sequence[str] | None
     index_df: pd.DataFrame | None
 
-    def plan(self, sizes: Sizes) -> tuple[Grid, pd.DataFrame, tuple[int, ...], bool]:
-        """The grid, the index frame, the shape of the cells and whether the output is flat."""
+    def __attrs_post_init__(self) -> None:
         if self.index_df is None and self.index_axis_names is None:
             raise PatchSpecError("give index_axis_names or index_df")
         if self.index_df is not None and self.index_axis_names is not None:
             raise PatchSpecError("give index_axis_names or index_df, not both")
+
+    def plan(self, sizes: Sizes) -> tuple[Grid, pd.DataFrame, tuple[int, ...], bool]:
+        """The grid, the index frame, the shape of the cells and whether the output is flat."""
         if self.index_df is None:
             names = list(self.index_axis_names or ())
             ranges = [_axis_size(name, self.activation, sizes) for name in names]
@@ -378,6 +380,8 @@ def _sweeps(
             clean_cache=clean_cache,
         )
         sizes = run.sizes
+        if not isinstance(metric_positions, str):  # in range, before any pass
+            _explicit_positions(metric_positions, sizes.seq)
         plans = [job.plan(sizes) for job, _base in jobs]
         grids = [run.add(grid) for grid, *_rest in plans]  # every grid before the unpatched run
         batch = run.session.batch
@@ -583,18 +587,25 @@ def _held_positions(
     logits: torch.Tensor,
 ) -> tuple[int, ...] | None:
     """The positions a drop-in unembeds for ``metric`` (``None``: all of them)."""
-    seq = int(logits.shape[1])
     if isinstance(value, str):
         return None if value == "all" else metric_positions(metric, logits)
-    held = sorted({int(p) % seq if -seq <= int(p) < seq else _outside(int(p), seq) for p in value})
-    return None if len(held) == seq else tuple(held)
+    held = _explicit_positions(value, int(logits.shape[1]))
+    return None if len(held) == int(logits.shape[1]) else held
 
 
-def _outside(p: int, seq: int) -> int:
-    raise PatchSpecError(
-        f"metric_positions holds position {p}, outside the {seq} positions of the prompts "
-        f"(valid: {-seq}..{seq - 1})"
-    )
+def _explicit_positions(value: Sequence[int], seq: int) -> tuple[int, ...]:
+    """Given positions as sorted token indices; negative ones count from the end.
+
+    Raises:
+        PatchSpecError: a position outside the prompts.
+    """
+    for p in value:
+        if not -seq <= int(p) < seq:
+            raise PatchSpecError(
+                f"metric_positions holds position {int(p)}, outside the {seq} positions of the "
+                f"prompts (valid: {-seq}..{seq - 1})"
+            )
+    return tuple(sorted({int(p) % seq for p in value}))
 
 
 def _tl_metric(name: str, fn: Callable[[torch.Tensor], Any], held: tuple[int, ...], seq: int) -> Metric:
