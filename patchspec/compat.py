@@ -19,6 +19,7 @@ the clean run exactly, as it did on ``HookedTransformer``.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -26,6 +27,7 @@ import attrs
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from transformer_lens.patching import (
     PatchingResult,
     layer_head_dest_src_pos_pattern_patch_setter,
@@ -39,9 +41,9 @@ from transformer_lens.patching import (
 
 from patchspec import runner
 from patchspec.catalog import STACKS, TABLE, Entry, Stack
-from patchspec.errors import PatchSpecError, SpecError
+from patchspec.errors import MetricError, PatchSpecError, SpecError, did_you_mean
 from patchspec.layouts import layout
-from patchspec.metrics import Metric
+from patchspec.metrics import Metric, _device_index
 from patchspec.model.adapter import ModelAdapter
 from patchspec.options import RunOptions
 from patchspec.plan.cells import Cell, Region, normalise_int
@@ -74,6 +76,8 @@ TL_AXES = {
 STACK_RENAMES = {"head_index": "head", "dest_pos": "pos"}
 
 BY_NAME: dict[str, Entry] = {entry.tl_function: entry for entry in TABLE}
+
+log = logging.getLogger(__name__)
 
 
 @attrs.frozen
@@ -230,6 +234,7 @@ def generic_activation_patch(
     baseline: bool = False,
     engine: str | None = None,
     progress: bool = True,
+    metric_positions: str | Sequence[int] = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, pd.DataFrame] | PatchingResult:
     """Drop-in for ``transformer_lens.patching.generic_activation_patch``.
 
@@ -240,6 +245,10 @@ def generic_activation_patch(
     TransformerLens returns: a tensor shaped like the axes (or flat, one entry per ``index_df``
     row), optionally with the index frame, or a ``PatchingResult`` under ``reduce="none"``/
     ``"mean"`` with per-example metrics, ``baseline=True`` or a metric mapping.
+
+    The patched passes unembed only the positions the metric reads (see
+    :func:`metric_positions`); the metric still receives ``[batch, pos, vocab]`` logits,
+    holding the patched values there and NaN elsewhere.
 
     Args:
         model: A TransformerLens model in eval mode.
@@ -255,17 +264,44 @@ def generic_activation_patch(
         baseline: Also evaluate the unpatched corrupted run.
         engine: patchspec estimator (``"batched"`` by default, or ``"reference"``).
         progress: Show a progress bar, as TransformerLens does.
+        metric_positions: Which positions of the logits the metric reads: ``"auto"`` (found
+            by probing the metric, :func:`metric_positions`), ``"all"`` (always unembed every
+            position, as TransformerLens does), or a list of positions (negative counting from
+            the end), trusted without probing.
 
     Returns:
         The same value TransformerLens returns for these arguments.
 
     Raises:
         PatchSpecError: unknown activation or axis, a metric of the wrong shape, a model in
-            training mode, or a hook that did not fire.
+            training mode, a bad ``metric_positions``, or a hook that did not fire.
     """
+    metrics, want_result = _check_call(patching_metric, reduce, baseline, return_index_df)
+    layout(activation_name)  # raises with the list of valid names
+    job = _Job(activation_name, patch_setter, index_axis_names, index_df)
+    (out,) = _sweeps(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        patching_metric,
+        metrics,
+        [(job, baseline)],
+        reduce=reduce,
+        want_result=want_result,
+        return_index_df=return_index_df,
+        engine=engine,
+        progress=progress,
+        metric_positions=metric_positions,
+    )
+    return out
+
+
+def _check_call(
+    patching_metric: Any, reduce: str, baseline: bool, return_index_df: bool
+) -> tuple[dict[str, Callable[[torch.Tensor], Any]], bool]:
+    """The metrics by name, and whether a ``PatchingResult`` is returned; before any pass."""
     if reduce not in ("scalar", "mean", "none"):
         raise PatchSpecError(f"reduce must be one of ('scalar', 'mean', 'none'), got {reduce!r}")
-    layout(activation_name)  # raises with the list of valid names
     metrics = (
         dict(patching_metric) if isinstance(patching_metric, Mapping) else {"metric": patching_metric}
     )
@@ -285,10 +321,55 @@ def generic_activation_patch(
         raise PatchSpecError(
             "return_index_df only applies to the tensor return; a PatchingResult carries index_df"
         )
-    if index_df is None and index_axis_names is None:
-        raise PatchSpecError("give index_axis_names or index_df")
-    if index_df is not None and index_axis_names is not None:
-        raise PatchSpecError("give index_axis_names or index_df, not both")
+    return metrics, want_result
+
+
+@attrs.frozen(eq=False)
+class _Job:
+    """One drop-in sweep: what TransformerLens's generic loop is given besides the model."""
+
+    activation: str
+    setter: Callable[..., Any]
+    index_axis_names: Sequence[str] | None
+    index_df: pd.DataFrame | None
+
+    def __attrs_post_init__(self) -> None:
+        if self.index_df is None and self.index_axis_names is None:
+            raise PatchSpecError("give index_axis_names or index_df")
+        if self.index_df is not None and self.index_axis_names is not None:
+            raise PatchSpecError("give index_axis_names or index_df, not both")
+
+    def plan(self, sizes: Sizes) -> tuple[Grid, pd.DataFrame, tuple[int, ...], bool]:
+        """The grid, the index frame, the shape of the cells and whether the output is flat."""
+        if self.index_df is None:
+            names = list(self.index_axis_names or ())
+            ranges = [_axis_size(name, self.activation, sizes) for name in names]
+            index_df = make_df_from_ranges(ranges, names)
+            rows: list[tuple[int, ...]] = list(itertools.product(*(range(r) for r in ranges)))
+            return _grid(self.activation, self.setter, rows, sizes), index_df, tuple(ranges), False
+        rows = [tuple(int(v) for v in row) for row in self.index_df.itertuples(index=False)]
+        grid = _grid(self.activation, self.setter, rows, sizes)
+        return grid, self.index_df, (len(rows),), True
+
+
+def _sweeps(
+    model: Any,
+    corrupted_tokens: torch.Tensor,
+    clean_cache: Any,
+    patching_metric: Any,
+    metrics: Mapping[str, Callable[[torch.Tensor], Any]],
+    jobs: Sequence[tuple[_Job, bool]],
+    *,
+    reduce: str,
+    want_result: bool,
+    return_index_df: bool,
+    engine: str | None,
+    progress: bool,
+    metric_positions: str | Sequence[int],
+) -> list[Any]:
+    """Run ``jobs`` (each with whether it returns the baseline) on one session: the unpatched
+    corrupted run is made once for all of them, after every grid is added."""
+    _positions_arg(metric_positions)
     with ModelAdapter.of(model).exclusive():  # one sweep of a model at a time
         run = runner.prepare(
             model,
@@ -299,25 +380,76 @@ def generic_activation_patch(
             clean_cache=clean_cache,
         )
         sizes = run.sizes
-        flat = index_df is not None
-        if index_df is None:
-            ranges = [_axis_size(name, activation_name, sizes) for name in index_axis_names or ()]
-            index_df = make_df_from_ranges(ranges, list(index_axis_names or ()))
-            rows: list[tuple[int, ...]] = list(itertools.product(*(range(r) for r in ranges)))
-            cell_shape: tuple[int, ...] = tuple(ranges)
-        else:
-            rows = [tuple(int(v) for v in row) for row in index_df.itertuples(index=False)]
-            cell_shape = (len(rows),)
-        grid = run.add(_grid(activation_name, patch_setter, rows, sizes))
+        if not isinstance(metric_positions, str):  # in range, before any pass
+            _explicit_positions(metric_positions, sizes.seq)
+        plans = [job.plan(sizes) for job, _base in jobs]
+        grids = [run.add(grid) for grid, *_rest in plans]  # every grid before the unpatched run
         batch = run.session.batch
         with torch.inference_mode():
             corrupted_logits = run.session.logits("corrupted")
             for name, fn in metrics.items():
                 _check_metric(name, fn(corrupted_logits), reduce, batch)
-        values, _evaluate, _clean, base = runner.run_grid(run, grid, activation_name)
+        fast = _restricted_run(run, metrics, corrupted_logits, metric_positions)
+        outs = []
+        for (job, base_wanted), grid, (_g, index_df, cell_shape, flat) in zip(
+            jobs, grids, plans, strict=True
+        ):
+            values, base = _run_grid(run, fast, grid, job.activation)
+            outs.append(
+                _output(
+                    model, values, base, metrics, patching_metric, batch=batch, reduce=reduce,
+                    want_result=want_result or base_wanted, return_index_df=return_index_df,
+                    baseline=base_wanted, index_df=index_df, cell_shape=cell_shape, flat=flat,
+                    axis_names=job.index_axis_names,
+                )
+            )
+    return outs
+
+
+def _run_grid(
+    run: runner.Run, fast: runner.Run | None, grid: Grid, label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values and corrupted baseline of ``grid``: on the position-restricted run when
+    there is one; should the metric read a position it was not given (a non-finite value or
+    an error), the grid is run again with full logits, so no wrong number is returned."""
+    if fast is not None:
+        try:
+            values, _evaluate, _clean, base = runner.run_grid(fast, grid, label)
+            return values, base
+        except MetricError as err:
+            log.info(
+                "compat: the metric failed on logits restricted to the positions it was found "
+                "to read (%s); running %s again with every position unembedded",
+                err,
+                label,
+            )
+    values, _evaluate, _clean, base = runner.run_grid(run, grid, label)
+    return values, base
+
+
+def _output(
+    model: Any,
+    values: torch.Tensor,
+    base: torch.Tensor,
+    metrics: Mapping[str, Any],
+    patching_metric: Any,
+    *,
+    batch: int,
+    reduce: str,
+    want_result: bool,
+    return_index_df: bool,
+    baseline: bool,
+    index_df: pd.DataFrame,
+    cell_shape: tuple[int, ...],
+    flat: bool,
+    axis_names: Sequence[str] | None,
+) -> Any:
+    """What TransformerLens returns, from one grid's values."""
     per_example = reduce != "scalar"
     store = values.float().to(getattr(model.cfg, "device", None) or values.device)
-    store = store.movedim(0, 1).reshape((len(metrics), *cell_shape, *((batch,) if per_example else ())))
+    store = store.movedim(0, 1).reshape(
+        (len(metrics), *cell_shape, *((batch,) if per_example else ()))
+    )
     base = base.float()
     if reduce == "mean":
         store = store.mean(dim=-1)
@@ -327,13 +459,187 @@ def generic_activation_patch(
     has_axis = isinstance(patching_metric, Mapping)
     return PatchingResult(
         values=store if has_axis else store[0],
-        axis_names=[] if flat else list(index_axis_names or []),
+        axis_names=[] if flat else list(axis_names or []),
         index_df=index_df,
         metric_names=list(metrics),
         reduced=reduce != "none",
         baseline=None if not baseline else (base if has_axis else base[0]),
         has_metric_axis=has_axis,
     )
+
+
+# --- position-restricted unembedding of TransformerLens metrics ----------------------------------
+#: What ``metric_positions=`` accepts besides a list of positions.
+POSITION_MODES = ("auto", "all")
+
+
+def _positions_arg(value: Any) -> None:
+    """Refuse a bad ``metric_positions`` before any pass."""
+    if isinstance(value, str):
+        if value not in POSITION_MODES:
+            raise PatchSpecError(
+                f"metric_positions must be 'auto', 'all' or a list of positions, got {value!r}"
+                + did_you_mean(value, POSITION_MODES)
+            )
+        return
+    entries = list(value) if isinstance(value, Sequence | np.ndarray | torch.Tensor) else None
+    if not entries or not all(
+        isinstance(p, int | np.integer) and not isinstance(p, bool) for p in entries
+    ):
+        raise PatchSpecError(
+            "metric_positions must be 'auto', 'all' or a non-empty list of int positions (negative "
+            f"counting from the end), got {value!r}"
+        )
+
+
+def _probe_equal(metric: Callable[[torch.Tensor], Any], logits: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether ``metric(logits)`` is bit-identical to ``want`` (an error or NaN counts as not)."""
+    version = logits._version
+    try:
+        got = torch.as_tensor(metric(logits))
+    except Exception:
+        return False
+    if logits._version != version:  # the metric wrote into its input: nothing can be told
+        raise _Mutates
+    return got.shape == want.shape and got.dtype == want.dtype and bool(torch.equal(got.to(want.device), want))
+
+
+class _Mutates(Exception):
+    """The metric modified the logits it was given."""
+
+
+def metric_positions(
+    metric: Callable[[torch.Tensor], Any], logits: Float[torch.Tensor, "batch pos vocab"]
+) -> tuple[int, ...] | None:
+    """The positions of ``logits`` a TransformerLens-style metric reads, found by probing it;
+    ``None`` when it reads every position or cannot be probed.
+
+    The metric is evaluated on the unpatched logits and on copies in which the positions it
+    is taken not to read hold NaN, then ``+M`` and ``-M`` (``M`` a quarter of the dtype's
+    largest value): a set of positions is accepted only when all three values are
+    bit-identical to the unpatched one. The last position is tried first; otherwise each
+    position is replaced by NaN alone to find those that reach the value, and that set is
+    checked the same way. A metric that raises, returns a non-finite value, writes into its
+    input or is not deterministic reads "every position".
+
+    This is exact for metrics whose value is a function of the logits at a fixed set of
+    positions (``logits[:, -1]``, ``logits[arange(batch), answer_pos]``, a loss over all
+    positions), whatever the values there. A metric that *chooses* where to read from the
+    values (reads position 0 only when some logit is above a threshold the probes do not
+    cross) can defeat any probe: pass ``metric_positions="all"`` (or the positions) to the
+    drop-in functions. As a second guard, the drop-ins fill the positions not read with NaN
+    and run the sweep again with full logits if the metric then fails or is non-finite.
+
+    Example:
+        >>> logits = torch.randn(2, 5, 7)
+        >>> metric_positions(lambda x: (x[:, -1, 3] - x[:, -1, 4]).mean(), logits)
+        (4,)
+        >>> metric_positions(lambda x: x[:, [1, 3], 0].sum(), logits)
+        (1, 3)
+        >>> metric_positions(lambda x: x.log_softmax(-1)[:, :-1, 0].mean(), logits)
+        (0, 1, 2, 3)
+        >>> metric_positions(lambda x: x.mean(), logits) is None
+        True
+    """
+    if logits.ndim != 3 or logits.shape[1] < 2 or not logits.is_floating_point():
+        return None
+    seq = int(logits.shape[1])
+    with torch.inference_mode(False), torch.no_grad():
+        logits = logits.clone()
+        try:
+            want = torch.as_tensor(metric(logits))
+        except Exception:
+            return None
+        if not bool(torch.isfinite(want).all()):
+            return None
+        big = torch.finfo(logits.dtype).max / 4
+        fills = (float("nan"), big, -big)
+
+        def reads_only(keep: Sequence[int]) -> bool:
+            others = [p for p in range(seq) if p not in keep]
+            for fill in fills:
+                probe = logits.clone()
+                probe[:, others] = fill
+                if not _probe_equal(metric, probe, want):
+                    return False
+            return True
+
+        try:
+            if reads_only((seq - 1,)):
+                return (seq - 1,)
+            probe = logits.clone()
+            read = []
+            for p in range(seq):
+                probe[:, p] = float("nan")
+                if not _probe_equal(metric, probe, want):
+                    read.append(p)
+                probe[:, p] = logits[:, p]
+            if not read or len(read) == seq or not reads_only(read):
+                return None
+        except _Mutates:
+            return None
+        return tuple(read)
+
+
+def _held_positions(
+    value: str | Sequence[int],
+    metric: Callable[[torch.Tensor], Any],
+    logits: torch.Tensor,
+) -> tuple[int, ...] | None:
+    """The positions a drop-in unembeds for ``metric`` (``None``: all of them)."""
+    if isinstance(value, str):
+        return None if value == "all" else metric_positions(metric, logits)
+    held = _explicit_positions(value, int(logits.shape[1]))
+    return None if len(held) == int(logits.shape[1]) else held
+
+
+def _explicit_positions(value: Sequence[int], seq: int) -> tuple[int, ...]:
+    """Given positions as sorted token indices; negative ones count from the end.
+
+    Raises:
+        PatchSpecError: a position outside the prompts.
+    """
+    for p in value:
+        if not -seq <= int(p) < seq:
+            raise PatchSpecError(
+                f"metric_positions holds position {int(p)}, outside the {seq} positions of the "
+                f"prompts (valid: {-seq}..{seq - 1})"
+            )
+    return tuple(sorted({int(p) % seq for p in value}))
+
+
+def _tl_metric(name: str, fn: Callable[[torch.Tensor], Any], held: tuple[int, ...], seq: int) -> Metric:
+    """``fn`` as a :class:`Metric` declaring ``held``: given logits at those positions only, it
+    calls ``fn`` on ``[batch, seq, vocab]`` logits holding them there and NaN elsewhere (a
+    fresh tensor per call: ``fn`` may keep or modify what it is given)."""
+
+    def call(logits: torch.Tensor, context: Any) -> Any:
+        at = context.logit_positions
+        if at is None:
+            return fn(logits)
+        full = logits.new_full((logits.shape[0], seq, logits.shape[2]), float("nan"))
+        return fn(full.index_copy_(1, _device_index(tuple(at), logits.device), logits))
+
+    return Metric(name, call, held, reduce=None)
+
+
+def _restricted_run(
+    run: runner.Run,
+    metrics: Mapping[str, Callable[[torch.Tensor], Any]],
+    logits: torch.Tensor,
+    value: str | Sequence[int],
+) -> runner.Run | None:
+    """``run`` with metrics that unembed only the positions they read, or ``None`` when some
+    metric reads every position (or ``value`` is ``"all"``)."""
+    seq = int(logits.shape[1])
+    wrapped = []
+    for name, fn in metrics.items():
+        held = _held_positions(value, fn, logits)
+        if held is None:
+            log.debug("compat: metric %r reads every position; unembedding all of them", name)
+            return None
+        wrapped.append(_tl_metric(name, fn, held, seq))
+    return attrs.evolve(run, metrics=tuple(wrapped))
 
 
 _SETTERS = {fn.__name__: fn for fn in SETTER_DIMS}
@@ -392,15 +698,46 @@ def _align(
 def _stack(
     stack: Stack, model: Any, corrupted_tokens: torch.Tensor, clean_cache: Any, metric: Any, **kwargs: Any
 ) -> torch.Tensor | PatchingResult:
-    """Run a ``*_every`` helper: its entries, aligned and stacked on ``patch_type``."""
+    """Run a ``*_every`` helper: its entries on one session (the unpatched corrupted run made
+    once for all of them), aligned and stacked on ``patch_type``."""
     want_base = bool(kwargs.pop("baseline", False))
     axis_order = stack.tl_axes[1:]
     n_heads = int(model.cfg.n_heads) if "head" in axis_order else 0
-    results: list[torch.Tensor | PatchingResult] = []
-    for i, name in enumerate(stack.entries):
-        out = _patch_entry(
-            name, model, corrupted_tokens, clean_cache, metric, baseline=want_base and i == 0, **kwargs
+    reduce = kwargs.pop("reduce", "scalar")
+    return_index_df = bool(kwargs.pop("return_index_df", False))
+    index_df = kwargs.pop("index_df", None)
+    options = {k: kwargs.pop(k) for k in ("engine", "progress", "metric_positions") if k in kwargs}
+    if kwargs:
+        raise PatchSpecError(
+            f"{stack.tl_function} got unexpected keyword arguments {sorted(kwargs)}; it takes "
+            "reduce, baseline, index_df, return_index_df, engine, progress, metric_positions"
         )
+    metrics, _result = _check_call(metric, reduce, want_base, return_index_df)
+    want_result = isinstance(metric, Mapping) or reduce == "none"  # and the entry with the baseline
+    jobs = []
+    for i, name in enumerate(stack.entries):
+        entry = BY_NAME[name]
+        layout(entry.tl_activation)
+        axes = None if index_df is not None else entry.tl_axes
+        jobs.append(
+            (_Job(entry.tl_activation, _SETTERS[entry.tl_setter], axes, index_df), want_base and i == 0)
+        )
+    outs = _sweeps(
+        model,
+        corrupted_tokens,
+        clean_cache,
+        metric,
+        metrics,
+        jobs,
+        reduce=reduce,
+        want_result=want_result,
+        return_index_df=return_index_df,
+        engine=options.get("engine"),
+        progress=options.get("progress", True),
+        metric_positions=options.get("metric_positions", "auto"),
+    )
+    results: list[torch.Tensor | PatchingResult] = []
+    for name, out in zip(stack.entries, outs, strict=True):
         if want_base and isinstance(out, torch.Tensor):
             out = _as_result(out, BY_NAME[name].tl_axes)
         results.append(out)
@@ -455,7 +792,7 @@ def get_act_patch_resid_pre(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -480,7 +817,7 @@ def get_act_patch_resid_mid(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -505,7 +842,7 @@ def get_act_patch_attn_out(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -530,7 +867,7 @@ def get_act_patch_mlp_out(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos], or a ``PatchingResult`` as in TransformerLens.
@@ -555,7 +892,7 @@ def get_act_patch_attn_head_out_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -580,7 +917,7 @@ def get_act_patch_attn_head_q_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -605,7 +942,7 @@ def get_act_patch_attn_head_k_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -630,7 +967,7 @@ def get_act_patch_attn_head_v_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, pos, head], or a ``PatchingResult`` as in TransformerLens.
@@ -655,7 +992,7 @@ def get_act_patch_attn_head_pattern_by_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index, dest_pos], or a ``PatchingResult`` as in TransformerLens.
@@ -680,7 +1017,7 @@ def get_act_patch_attn_head_pattern_dest_src_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index, dest_pos, src_pos], or a ``PatchingResult`` as in TransformerLens.
@@ -705,7 +1042,7 @@ def get_act_patch_attn_head_out_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -730,7 +1067,7 @@ def get_act_patch_attn_head_q_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -755,7 +1092,7 @@ def get_act_patch_attn_head_k_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -780,7 +1117,7 @@ def get_act_patch_attn_head_v_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head], or a ``PatchingResult`` as in TransformerLens.
@@ -805,7 +1142,7 @@ def get_act_patch_attn_head_pattern_all_pos(
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [layer, head_index], or a ``PatchingResult`` as in TransformerLens.
@@ -1065,3 +1402,5 @@ def get_act_patch_direct_path_all_sources(
 
 
 __all__ += ["get_act_patch_direct_path", "get_act_patch_direct_path_all_sources"]
+
+__all__ += ["metric_positions"]

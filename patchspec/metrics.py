@@ -33,9 +33,10 @@ stacked copy).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
 import attrs
@@ -563,12 +564,29 @@ def _token_ids(model: Any, tokens: TokenLike | TokenEntry, batch: int, what: str
     return torch.tensor([_token_id(model, entry, what)], dtype=torch.long).expand(batch)
 
 
-def _ids(model: Any, entry: TokenEntry, batch: int, what: str, memo: dict[Any, torch.Tensor]) -> torch.Tensor:
-    key = (id(model), batch)
+def _ids(
+    model: Any,
+    entry: TokenEntry,
+    batch: int,
+    what: str,
+    memo: dict[Any, torch.Tensor],
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The ``[batch]`` ids of ``entry``, made once per model, batch and device (so a sweep
+    moves them to the device once, not once per chunk)."""
+    key = (id(model), batch, None if device is None else str(device))
     if key not in memo:
         with torch.inference_mode(False):  # kept across passes: usable by gradient passes too
-            memo[key] = _token_ids(model, entry, batch, what)
+            memo[key] = _token_ids(model, entry, batch, what).to(device or "cpu")
     return memo[key]
+
+
+@functools.lru_cache(maxsize=256)
+def _device_index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``, made once (not per chunk) and outside
+    inference mode, so gradient passes may index with it too."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.long, device=device)
 
 
 # --- reading positions -------------------------------------------------------------------------
@@ -608,7 +626,7 @@ def _gather(logits: torch.Tensor, columns: tuple[int, ...], held: tuple[int, ...
     if len(set(columns)) == 1:
         return logits[:, columns[0]]
     rows = logits.shape[0]
-    per_prompt = torch.tensor(columns, device=logits.device)
+    per_prompt = _device_index(columns, logits.device)
     return logits[torch.arange(rows, device=logits.device), tile(per_prompt, rows)]
 
 
@@ -660,8 +678,8 @@ def logit_diff(
     def fn(logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         here = _gather(logits, _columns(where, ctx.run_inputs(), ctx.receiver), ctx.logit_positions)
         rows = here.shape[0]
-        good = tile(_ids(ctx.model, good_entry, ctx.batch, "answer", memo).to(here.device), rows)
-        bad = tile(_ids(ctx.model, bad_entry, ctx.batch, "wrong", memo_wrong).to(here.device), rows)
+        good = tile(_ids(ctx.model, good_entry, ctx.batch, "answer", memo, here.device), rows)
+        bad = tile(_ids(ctx.model, bad_entry, ctx.batch, "wrong", memo_wrong, here.device), rows)
         return (
             (here.gather(1, good.unsqueeze(1)) - here.gather(1, bad.unsqueeze(1)))
             .squeeze(1)
@@ -686,7 +704,7 @@ def logprob(answer: TokenLike, *, pos: PosLike = -1, reduce: Reduce = "mean") ->
     def fn(logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         columns = _columns(where, ctx.run_inputs(), ctx.receiver)
         here = _gather(logits, columns, ctx.logit_positions).float().log_softmax(-1)
-        good = tile(_ids(ctx.model, good_entry, ctx.batch, "answer", memo).to(here.device), here.shape[0])
+        good = tile(_ids(ctx.model, good_entry, ctx.batch, "answer", memo, here.device), here.shape[0])
         return here.gather(1, good.unsqueeze(1)).squeeze(1)
 
     return Metric("logprob", fn, (where,), how, rowwise=True, check=_check_answers(("answer", good_entry)))
@@ -726,7 +744,7 @@ def loss(*, reduce: Reduce = "mean") -> Metric:
         logp = logits[:, :-1].float().log_softmax(-1)
         rows = logp.shape[0]
         target = tile(ctx.tokens[:, 1:].to(logp.device), rows)
-        lengths = torch.tensor(ctx.lengths, device=logp.device)
+        lengths = _device_index(tuple(ctx.lengths), logp.device)
         real = torch.arange(logp.shape[1], device=logp.device) < (lengths - 1).unsqueeze(1)
         weight = tile(real, rows).to(logp.dtype)
         nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -781,11 +799,13 @@ def _evaluate(
 
 
 def _check_value(
-    value: Any, batch: int, name: str, where: str | Callable[[], str]
+    value: Any, batch: int, name: str, where: str | Callable[[], str], *, finite: bool = True
 ) -> torch.Tensor:
     """A finite scalar or a finite ``[batch]`` vector, as float, else :class:`MetricError`.
 
-    ``where`` (or its result, when it is a callable) names the cell in the error.
+    ``where`` (or its result, when it is a callable) names the cell in the error. With
+    ``finite=False`` only the shape is checked (no read of the values, so no host sync): the
+    caller checks finiteness later (:meth:`Evaluator.check_pending`).
     """
 
     def place() -> str:
@@ -797,11 +817,19 @@ def _check_value(
             f"metric {name!r} returned shape {tuple(value.shape)} at {place()}; it must return "
             f"a scalar or one value per prompt (shape ({batch},))"
         )
-    if not bool(torch.isfinite(value).all()):
+    if finite and not bool(torch.isfinite(value).all()):
         raise MetricError(
             f"metric {name!r} returned a non-finite value {value.tolist()} at {place()}"
         )
     return value.detach().float()
+
+
+def _first_non_finite(value: torch.Tensor) -> int | None:
+    """The first cell (leading dim) of ``value`` holding a non-finite entry, or ``None``."""
+    bad = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+    if not bool(bad.any()):
+        return None
+    return int(bad.nonzero()[0, 0])
 
 
 class Evaluator:
@@ -849,6 +877,8 @@ class Evaluator:
             else tuple(dict.fromkeys(p for ps in declared if ps is not None for p in ps))
         )
         self._contexts: dict[tuple[int, ...] | None, MetricContext] = {None: context}
+        self._deferring = 0
+        self._pending: list[tuple[torch.Tensor, Sequence[Any]]] = []
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -924,6 +954,44 @@ class Evaluator:
         ]
         return self._combine(values, 0, lambda: where)
 
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Inside the block, :meth:`many` checks shapes but not finiteness (which needs the
+        values on the host: one sync per chunk); the caller then calls :meth:`check_pending`
+        with the chunk's values once they are on the host. Executors use it so that a chunk's
+        results are read once, and nothing else syncs on the hot path.
+        """
+        self._deferring += 1
+        self._pending = []
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def check_pending(self, values: torch.Tensor, host: torch.Tensor | None = None) -> None:
+        """Check the finiteness :meth:`many` deferred (see :meth:`deferring`), raising the same
+        :class:`MetricError` it would have raised, naming the first bad cell.
+
+        Args:
+            values: What the estimator returned for the chunk.
+            host: ``values`` already copied to the host (read instead of ``values`` when it
+                is :meth:`many`'s own output, so the check costs no transfer of its own).
+        """
+        pending, self._pending = self._pending, []
+        for out, cells in pending:
+            block = host if host is not None and out is values else out
+            self._raise_non_finite(block.detach().cpu(), cells)
+
+    def _raise_non_finite(self, block: torch.Tensor, cells: Sequence[Any]) -> None:
+        for i, metric in enumerate(self.metrics):
+            value = block[:, i] if self.stacked else block
+            k = _first_non_finite(value)
+            if k is not None:
+                raise MetricError(
+                    f"metric {metric.name!r} returned a non-finite value {value[k].tolist()} at "
+                    f"{self.describe(cells[k])}"
+                )
+
     def many(
         self,
         logits: Float[torch.Tensor, "copies_batch pos vocab"],
@@ -932,15 +1000,20 @@ class Evaluator:
     ) -> torch.Tensor:
         """The values of ``len(cells)`` cells whose logits are stacked copy-major in ``logits``.
 
-        Rowwise metrics are evaluated on the whole block at once, others cell by cell.
-        ``positions`` says which positions the logits hold (``None``: all).
+        Rowwise metrics are evaluated on the whole block at once, others cell by cell (a plain
+        callable's value for one cell's prompts cannot be told apart from another's in a
+        block, so it is called once per cell). ``positions`` says which positions the logits
+        hold (``None``: all). Nothing here reads the values on the host inside
+        :meth:`deferring`; outside it, the finiteness check is one sync per call.
 
         Raises:
             MetricError: a metric returned the wrong shape or a non-finite value (the message
-                names the first such cell).
+                names the first such cell; inside :meth:`deferring`, the non-finite one is
+                raised by :meth:`check_pending`).
         """
         context = self._context(positions)
         copies, batch = len(cells), self.context.batch
+        check = not self._deferring
         per_metric: list[torch.Tensor] = []
         for metric in self.metrics:
             if metric.rowwise and metric.reduce in ("mean", "none"):
@@ -954,9 +1027,8 @@ class Evaluator:
                     )
                 block = rows.view(copies, batch)
                 value = (block.mean(-1) if metric.reduce == "mean" else block).detach().float()
-                bad = ~torch.isfinite(value.view(copies, -1)).all(-1)
-                if bool(bad.any()):
-                    k = int(bad.nonzero()[0, 0])
+                k = _first_non_finite(value) if check else None
+                if k is not None:
                     _check_value(value[k], batch, metric.name, self.describe(cells[k]))
             else:
                 parts = logits.unflatten(0, (copies, -1))
@@ -967,10 +1039,14 @@ class Evaluator:
                             batch,
                             metric.name,
                             where,
+                            finite=check,
                         )
                         for part, cell in zip(parts, cells, strict=True)
                         for where in [functools.partial(self.describe, cell)]
                     ]
                 )
             per_metric.append(value)
-        return self._combine(per_metric, 1, lambda: self.describe(cells[0]))
+        out = self._combine(per_metric, 1, lambda: self.describe(cells[0]))
+        if not check:
+            self._pending.append((out, list(cells)))
+        return out

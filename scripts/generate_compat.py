@@ -36,7 +36,7 @@ def _entry_doc(entry: object) -> str:
         clean_cache: Activations of the clean run.
         patching_metric: ``logits -> scalar`` (or ``[batch]`` with ``reduce``), or a mapping.
         **kwargs: ``reduce``, ``baseline``, ``index_df``, ``return_index_df``, ``engine``,
-            ``progress`` as in :func:`generic_activation_patch`.
+            ``progress``, ``metric_positions`` as in :func:`generic_activation_patch`.
 
     Returns:
         Tensor of shape [{tl_shape}], or a ``PatchingResult`` as in TransformerLens.

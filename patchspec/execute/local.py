@@ -2,6 +2,10 @@
 
 A chunk that runs out of memory is split in two and retried, and every later chunk is kept
 to the smaller size.
+
+Each chunk's values are read once: one device-to-host copy per chunk, on which the metric
+evaluator's finiteness check runs (:meth:`patchspec.metrics.Evaluator.deferring`), so that
+nothing else on the hot path waits for the device. The values are assembled on the host.
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ class LocalExecutor:
     def run(
         self, estimator: Estimator, task: Task, chunks: Sequence[Chunk], *, progress: bool
     ) -> torch.Tensor:
-        """The values of ``task.cells``, in order, stacked on a leading dim."""
+        """The values of ``task.cells``, in order, stacked on a leading dim (on the host).
+
+        Raises:
+            MetricError: a metric returned a non-finite value (naming the cell), checked on
+                each chunk's host copy.
+        """
         parts: list[tuple[Chunk, torch.Tensor]] = []
         limit = max((len(c) for c in chunks), default=1)
         bar: contextlib.AbstractContextManager[Progress]
@@ -57,7 +66,11 @@ class LocalExecutor:
                     pending[:0] = chunk.split()
                     continue
                 try:
-                    values = estimator.estimate(task, chunk)
+                    with _deferring(task):
+                        values = estimator.estimate(task, chunk)
+                        host = _to_host(values)  # the chunk's one read of the device
+                        _check_pending(task, values, host)
+                    values = host
                 except (RuntimeError, MemoryError) as err:
                     if not is_out_of_memory(err) or len(chunk) == 1:
                         raise
@@ -74,6 +87,25 @@ class LocalExecutor:
                 shown.update(len(chunk))
                 shown.chunks(task.label, len(parts), len(parts) + len(pending))
         return assemble(task, parts)
+
+
+def _deferring(task: Task) -> contextlib.AbstractContextManager[None]:
+    """The evaluator's deferred finiteness check, when it has one (a hand-made evaluator may not)."""
+    deferring = getattr(task.evaluate, "deferring", None)
+    return deferring() if deferring is not None else contextlib.nullcontext()
+
+
+def _check_pending(task: Task, values: torch.Tensor, host: torch.Tensor) -> None:
+    check = getattr(task.evaluate, "check_pending", None)
+    if check is not None:
+        check(values, host)
+
+
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """``values`` on the CPU: one copy (none when they are there already)."""
+    if values.device.type == "cpu":
+        return values
+    return values.to("cpu")
 
 
 def assemble(task: Task, parts: Sequence[tuple[Chunk, torch.Tensor]]) -> torch.Tensor:

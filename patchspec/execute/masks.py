@@ -215,7 +215,7 @@ def part_writes(
         named = []
         for axis, column, table, size in prep.named:
             at = grid.columns(cells, np.asarray([column]))[:, 0]
-            rows = table[torch.from_numpy(np.ascontiguousarray(at)).to(device)]
+            rows = table[torch.from_numpy(np.ascontiguousarray(at)).to(device, non_blocking=True)]
             named.append((axis, _one_hot(rows, size)))
         factors = (*named, *factors)
     if prep.layer_column is None:
@@ -243,7 +243,7 @@ def part_writes(
                 for sel in (at_layer, of_source):
                     if sel is not None:
                         chosen &= sel
-                active = torch.from_numpy(chosen).to(device)
+                active = torch.from_numpy(chosen).to(device, non_blocking=True)
             mask = Mask(active, factors, prep.ndim, packed, prep.blocks)
             if prep.source_column is not None:
                 source = part.source(source, grid.positions)
@@ -283,33 +283,40 @@ def region_writes(
         rows = sizes.batch if any(
             isinstance(sel, PerExample) for _k, r in present for _d, sel in r.index
         ) else 1
-        active = torch.zeros(copies, dtype=torch.bool)
-        active[[k for k, _r in present]] = True
-        factors: list[tuple[int, torch.Tensor]] = []
+        # Index lists are gathered here (the cells are listed one by one), then every mask of
+        # the slot is made on the device by one scatter from one copy of the flat indices:
+        # no boolean mask is built on the host and copied.
+        flat: list[int] = [k for k, _r in present]
+        layouts: list[tuple[int, int, int]] = []  # (axis, start in flat, number of indices)
         for axis_no, dim in enumerate(dims[1:], start=1):
             selections = [(k, r.index[axis_no - 1][1]) for k, r in present]
             if all(sel is None for _k, sel in selections):
                 continue
             size = sizes.size(dim)
-            keep = torch.zeros((copies, rows, size), dtype=torch.bool)
-            at_cells: list[int] = []
-            at_rows: list[int] = []
-            at: list[int] = []
+            begin = len(flat)
             for k, sel in selections:
                 if sel is None:
-                    keep[k] = True
+                    flat += range((k * rows) * size, (k * rows + rows) * size)
                 elif isinstance(sel, PerExample):
                     for b, values in enumerate(sel.values):
-                        at_cells += [k] * len(values)
-                        at_rows += [b] * len(values)
-                        at += values
+                        flat += [(k * rows + b) * size + v for v in values]
                 else:
                     for b in range(rows):
-                        at_cells += [k] * len(sel)
-                        at_rows += [b] * len(sel)
-                        at += sel
-            keep[at_cells, at_rows, at] = True
-            factors.append((axis_no, keep.to(device)))
-        mask = Mask(active.to(device), tuple(factors), len(dims))
+                        flat += [(k * rows + b) * size + v for v in sel]
+            layouts.append((axis_no, begin, len(flat) - begin))
+        index = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+        active = _scatter_flat(index[: len(present)], copies, device).view(copies)
+        factors: list[tuple[int, torch.Tensor]] = []
+        for axis_no, begin, count in layouts:
+            size = sizes.size(dims[axis_no])
+            keep = _scatter_flat(index[begin : begin + count], copies * rows * size, device)
+            factors.append((axis_no, keep.view(copies, rows, size)))
+        mask = Mask(active, tuple(factors), len(dims))
         writes.append((activation, layer, sources[source_key], mask))
     return writes
+
+
+def _scatter_flat(index: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """``[size]`` booleans on ``device``, True at ``index`` (one scatter, no host read)."""
+    out = torch.zeros(size, dtype=torch.bool, device=device)
+    return out.index_fill_(0, index, True)
