@@ -34,7 +34,6 @@ from patchspec.execute.hooks import FireCounter, Hook, ordered, write_phase
 from patchspec.execute.masks import Write, part_writes, region_writes
 from patchspec.execute.protocols import Chunk, Task
 from patchspec.execute.schedule import (
-    PASS_OVERHEAD_TOKENS,
     choose_cells_per_batch,
     chunks_by_start,
     chunks_by_suffix,
@@ -316,11 +315,7 @@ class BatchedEstimator:
                 capacities[rows] = self.cells_per_pass(task, rows)
             return capacities[rows]
 
-        device = task.adapter.device.type
-        return chunks_by_suffix(
-            task.cells, starts, firsts, seq=sizes.seq, batch=sizes.batch, capacity=capacity,
-            overhead=PASS_OVERHEAD_TOKENS["cpu" if device == "cpu" else "other"],
-        )
+        return chunks_by_suffix(task.cells, starts, firsts, seq=sizes.seq, capacity=capacity)
 
     def hooks(self, task: Task, chunk: Chunk, first: int = 0) -> list[Hook]:
         """The hooks that patch ``len(chunk)`` stacked copies, copy ``k`` as cell ``chunk.cells[k]``,

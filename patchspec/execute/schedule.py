@@ -124,83 +124,42 @@ def chunks_by_start(cells: np.ndarray, starts: np.ndarray, limit: int) -> list[C
     return out
 
 
-#: What one more forward pass costs, in recomputed token positions: the fixed per-pass cost of
-#: launching every block's operations. Splitting cells by their first position saves work only
-#: where it saves more than this (a scheduling heuristic; results never depend on it).
-PASS_OVERHEAD_TOKENS = {"cpu": 24, "other": 16384}
-
-
 def chunks_by_suffix(
     cells: np.ndarray,
     starts: np.ndarray,
     firsts: np.ndarray,
     *,
     seq: int,
-    batch: int,
     capacity: Callable[[int], int],
-    overhead: int,
 ) -> list[Chunk]:
-    """Chunks sharing a start layer, each replayed from the first position of its cells.
+    """Chunks of cells sharing a start layer and a first changed position, as even as possible.
 
-    Within a start layer, cells are sorted by their first changed position and cut into
-    segments replayed from the segment's first position; the cut minimises
-    ``passes x overhead + cells x batch x recomputed positions`` (dynamic programming over the
-    distinct first positions), where a segment replayed from ``p`` holds at most
-    ``capacity(seq - p)`` cells per pass. Cells whose first position is ``seq`` change nothing
-    the metric reads and come in chunks of their own (``first == seq``).
+    Cells that start at the same block and position are replayed together from there, at most
+    ``capacity(seq - first)`` per pass. Cells are never replayed from an earlier position
+    than their own, so a cell's value does not depend on which other cells share its pass (a
+    verified subset equals the same cells of a full sweep bit for bit). Cells whose first
+    position is ``seq`` change nothing the metric reads and come in chunks of their own.
 
     Args:
         cells: Flat cell indices.
         starts: The start layer of each cell (``-1``: none, run from the embeddings).
         firsts: The first position each cell can change (``seq``: none).
         seq: Sequence length.
-        batch: Prompts per copy.
         capacity: The most cells per pass when ``rows`` positions are recomputed.
-        overhead: :data:`PASS_OVERHEAD_TOKENS` for the device.
 
     Example:
         >>> chunks = chunks_by_suffix(np.arange(4), np.array([0, 0, 0, -1]), np.array([0, 3, 3, 0]),
-        ...                           seq=4, batch=1, capacity=lambda rows: 8, overhead=0)
+        ...                           seq=4, capacity=lambda rows: 8)
         >>> [(c.start, c.first, c.cells.tolist()) for c in chunks]
         [(0, 0, [0]), (0, 3, [1, 2]), (None, 0, [3])]
     """
+    firsts = np.where(starts < 0, 0, np.minimum(firsts, seq))
     out: list[Chunk] = []
     for layer in sorted(set(starts.tolist()), key=lambda x: (x < 0, x)):
-        these = cells[starts == layer]
-        if layer < 0:
-            out += [attrs.evolve(c, first=0) for c in chunks_by_start(these, np.full(len(these), -1), capacity(seq))]
-            continue
-        order = np.argsort(firsts[starts == layer], kind="stable")
-        these, first = these[order], firsts[starts == layer][order]
-        noop = first >= seq
-        if noop.any():
-            for piece in np.array_split(these[noop], -(-int(noop.sum()) // capacity(1))):
-                out.append(Chunk(piece, int(layer), seq))
-            these, first = these[~noop], first[~noop]
-        if not these.size:
-            continue
-        values, counts = np.unique(first, return_counts=True)
-        total = np.concatenate(([0], np.cumsum(counts)))
-        m = len(values)
-        best = np.full(m + 1, np.inf)
-        cut = np.zeros(m + 1, dtype=np.int64)
-        best[0] = 0.0
-        caps = np.asarray([max(1, capacity(seq - int(v))) for v in values], dtype=np.float64)
-        for j in range(1, m + 1):
-            starts_at = np.arange(j)
-            n = total[j] - total[starts_at]
-            rows = seq - values[starts_at]
-            cost = best[starts_at] + np.ceil(n / caps[starts_at]) * overhead + n * batch * rows
-            k = int(np.argmin(cost))
-            best[j], cut[j] = cost[k], k
-        segments = []
-        j = m
-        while j > 0:
-            segments.append((int(cut[j]), j))
-            j = int(cut[j])
-        for i, j in reversed(segments):
-            piece, piece_first = these[total[i] : total[j]], first[total[i] : total[j]]
-            n_chunks = -(-piece.size // int(caps[i]))
-            for part in np.array_split(np.arange(piece.size), n_chunks):
-                out.append(Chunk(piece[part], int(layer), int(piece_first[part].min())))
+        at_layer = starts == layer
+        for first in np.unique(firsts[at_layer]).tolist():
+            group = cells[at_layer & (firsts == first)]
+            limit = capacity(max(1, seq - first))
+            for chunk in chunks_by_start(group, np.full(len(group), layer), limit):
+                out.append(attrs.evolve(chunk, first=int(first)))
     return out

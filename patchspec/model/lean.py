@@ -72,6 +72,23 @@ def _original(module: Any) -> Any:
     return getattr(module, "original_component", None)
 
 
+#: Matrix products run on at least this many rows. BLAS libraries pick another kernel for a
+#: few rows (measured with MKL on this project's CPUs: results of a row change in the last bit
+#: below 12 rows), which would make a cell's value depend on how many cells share its pass;
+#: padding keeps a verified subset bit-identical to the same cells of a full sweep.
+MIN_ROWS = 32
+
+
+def _padded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn``, computed on at least :data:`MIN_ROWS` rows."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows >= MIN_ROWS or rows == 0:
+        return fn(x)
+    flat = x.reshape(rows, x.shape[-1])
+    out = fn(torch.cat((flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1]))))[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 @attrs.frozen(eq=False)
 class _Linear:
     """``x W^T + b`` with ``W`` stored ``[out, in]`` (a view for HF's ``Conv1D``)."""
@@ -88,7 +105,7 @@ class _Linear:
         return None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _padded(lambda rows: F.linear(rows, self.weight, self.bias), x)
 
 
 def _cat_linear(parts: Sequence[_Linear]) -> _Linear:
@@ -278,6 +295,12 @@ class LeanReplay:
             first: The first position recomputed; positions before it keep the recorded pass's
                 values (exact when no hook changes anything before ``first``).
         """
+        with torch.inference_mode():
+            return self._run(layer, copies, positions, hooks, first)
+
+    def _run(
+        self, layer: int, copies: int, positions: Sequence[int] | None, hooks: Sequence[Hook], first: int
+    ) -> torch.Tensor:
         table: dict[str, list[Callable[..., Any]]] = {}
         for name, fn in hooks:
             table.setdefault(name, []).append(fn)
@@ -312,7 +335,7 @@ class LeanReplay:
             for slot, i in enumerate(order):
                 inverse[i] = slot
             hidden = hidden[:, self._index(inverse)]
-        return self.model.unembed(self.model.ln_final(hidden))
+        return _padded(lambda rows: self.model.unembed(self.model.ln_final(rows)), hidden)
 
     def _index(self, rows: Sequence[int]) -> torch.Tensor:
         """``rows`` as an index tensor on the model's device, made once (no copy per pass)."""
