@@ -173,7 +173,7 @@ class Slow:
     name: ClassVar[str] = "batched"
     exact: ClassVar[bool] = True
     folder: str
-    inner: BatchedEstimator = attrs.field(factory=lambda: BatchedEstimator(cells_per_batch=2))
+    inner: BatchedEstimator = attrs.field(factory=lambda: BatchedEstimator(cells_per_batch=2, lean=False))
     sleep: float = 0.4
     poison: bool = False
 

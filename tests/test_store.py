@@ -27,7 +27,7 @@ class Counting:
 
     name: ClassVar[str] = "batched"
     exact: ClassVar[bool] = True
-    inner: BatchedEstimator = attrs.field(factory=lambda: BatchedEstimator(cells_per_batch=3))
+    inner: BatchedEstimator = attrs.field(factory=lambda: BatchedEstimator(cells_per_batch=3, lean=False))
     stop: int | None = None
     calls: int = 0
     cells: list[int] = attrs.field(factory=list)
@@ -48,7 +48,7 @@ def test_interrupted_sweep_resumes_computing_only_the_rest(model, tokens, tmp_pa
     and gives the result of an uninterrupted run."""
     clean, corrupted = tokens
     spec = catalog.RESID_PRE
-    expected = spec.run(model, clean, corrupted, logit_diff_metric, cells_per_batch=3)
+    expected = spec.run(model, clean, corrupted, logit_diff_metric, engine=Counting())
     store = tmp_path / "sweep.zarr"
     first = Counting(stop=2)
     with pytest.raises(Interrupted):
@@ -71,7 +71,7 @@ def test_sweep_with_store_resumes_per_spec_and_keeps_example_dims(gpt2, tokens, 
     """A Sweep of two specs with a per-example metric resumes the second spec after the first."""
     clean, corrupted = tokens
     sweep = Sweep(catalog.ATTN_OUT, catalog.MLP_OUT)
-    expected = sweep.run(gpt2, clean, corrupted, per_example_metric, cells_per_batch=3)
+    expected = sweep.run(gpt2, clean, corrupted, per_example_metric, engine=Counting())
     n_first = expected[sweep.specs[0].label].size // 2  # cells (per-example values share a cell)
     chunks_first = -(-n_first // 3)
     store = tmp_path / "s.zarr"

@@ -223,10 +223,11 @@ class LeanReplay:
     """Blocks ``L``..end of one recorded pass, recomputed lean from position ``p`` on.
 
     Built by :func:`build`. :meth:`run` computes the logits of ``copies`` stacked copies of the
-    recorded batch (copy-major) with hooks called at the model's hook names.
+    recorded batch (copy-major) with hooks called at the model's hook names; at positions it
+    does not recompute they are the recorded pass's own logits (the model's, exactly).
     """
 
-    def __init__(self, model: Any, replay: Replay) -> None:
+    def __init__(self, model: Any, replay: Replay, logits: torch.Tensor | None = None) -> None:
         self.model = model
         self.batch = replay.batch
         self.blocks = _blocks(model)
@@ -265,6 +266,8 @@ class LeanReplay:
                 self.hidden.append(x)
                 x = self._block(index, x, 0, {}, None, record=True)
             self.final = x
+            #: The recorded pass's logits (the model's own when given), at every position.
+            self.logits = logits if logits is not None else self.model.unembed(self.model.ln_final(x))
 
     # --- what it can run --------------------------------------------------------------------
     def supports(self, names: Iterable[str]) -> bool:
@@ -320,22 +323,22 @@ class LeanReplay:
                         rows = suffix
                 x = self._block(index, x, first, table, rows)
             final_rows = x if rows is not None else x[:, self._index(suffix)]
+        # Positions before ``first`` are unchanged: their logits are the recorded pass's own.
+        unchanged = wanted if final_rows is None else [t for t in wanted if t < first]
         parts = []
-        recorded = [t for t in wanted if t < first]
-        if recorded or final_rows is None:
-            before = self.final[:, self._index(recorded if final_rows is not None else wanted)]
-            parts.append(self._expand(before, copies))
+        if unchanged:
+            parts.append(self._expand(self.logits[:, self._index(unchanged)], copies))
         if final_rows is not None:
-            parts.append(final_rows)
-        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        if final_rows is not None and recorded:
+            parts.append(_padded(lambda rows: self.model.unembed(self.model.ln_final(rows)), final_rows))
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if final_rows is not None and unchanged:
             order = sorted(range(len(wanted)), key=lambda i: (wanted[i] >= first, i))
-            # ``hidden`` holds the recorded positions first; put them back in ``wanted`` order.
+            # ``logits`` holds the unchanged positions first; put them back in ``wanted`` order.
             inverse = [0] * len(order)
             for slot, i in enumerate(order):
                 inverse[i] = slot
-            hidden = hidden[:, self._index(inverse)]
-        return _padded(lambda rows: self.model.unembed(self.model.ln_final(rows)), hidden)
+            logits = logits[:, self._index(inverse)]
+        return logits
 
     def _index(self, rows: Sequence[int]) -> torch.Tensor:
         """``rows`` as an index tensor on the model's device, made once (no copy per pass)."""
@@ -479,7 +482,7 @@ def build(model: Any, replay: Replay, logits: torch.Tensor, cache: dict[str, tor
             :data:`LOCATIONS` (checked one by one), or ``None`` to check the logits only.
     """
     try:
-        lean = LeanReplay(model, replay)
+        lean = LeanReplay(model, replay, logits)
     except Unsupported as err:
         log.info("lean replay not used for %s: %s", type(model).__name__, err)
         return None
