@@ -108,6 +108,7 @@ class Sizes:
     n_heads: int
     seq: int
     neurons: int
+    pattern_heads: int | None = None  # heads of the pattern case (None: all)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ class Case:
             "pos": sizes.seq,
             "dest_pos": sizes.seq,
             "src_pos": sizes.seq,
-            "head": sizes.n_heads,
+            "head": sizes.pattern_heads or sizes.n_heads
+            if self.key == "pattern"
+            else sizes.n_heads,
             "neuron": sizes.neurons,
         }
         return tuple(size[axis] for axis in self.axes)
@@ -148,6 +151,20 @@ class Case:
             list(itertools.product(*(range(n) for n in self.ranges(sizes)))), dtype=np.int64
         )
 
+    def restricted(self, sizes: Sizes) -> bool:
+        """Whether this case sweeps part of TransformerLens's function's grid."""
+        return self.key == "neurons" or (
+            self.key == "pattern" and (sizes.pattern_heads or sizes.n_heads) < sizes.n_heads
+        )
+
+    def label(self, sizes: Sizes) -> str:
+        """The case's name in the table, with its restriction."""
+        if self.key == "neurons":
+            return f"neurons < {sizes.neurons} (post by pos)"
+        if self.restricted(sizes):
+            return f"{self.title} (heads < {sizes.pattern_heads})"
+        return self.title
+
     def spec(self, sizes: Sizes) -> Any:
         """The patchspec spec of this case."""
         from patchspec import PatchSpec, catalog
@@ -156,12 +173,15 @@ class Case:
             return PatchSpec("post", axes=("layer", "pos", "neuron")).sel(
                 neuron=slice(0, sizes.neurons)
             )
-        return {
+        spec = {
             "resid_pre": catalog.RESID_PRE,
             "head_by_pos": catalog.HEAD_OUT_BY_POS,
             "head_all_pos": catalog.HEAD_OUT,
             "pattern": catalog.HEAD_PATTERN_DEST_SRC,
         }[self.key]
+        if self.restricted(sizes):
+            spec = spec.sel(head=slice(0, sizes.pattern_heads))
+        return spec
 
 
 CASES: dict[str, Case] = {
@@ -359,6 +379,24 @@ def timed(fn: Callable[[], Any], device: str, into: Timings) -> Any:
     return out
 
 
+def tl_setter(case: Case) -> dict[str, Any]:
+    """TransformerLens's ``patch_setter`` and ``activation_name`` of ``case``'s function."""
+    fn = getattr(__import__("transformer_lens.patching", fromlist=["x"]), case.tl_function)
+    return {
+        "patch_setter": fn.keywords["patch_setter"],
+        "activation_name": fn.keywords["activation_name"],
+    }
+
+
+def warm_up(model: Any, args: argparse.Namespace) -> None:
+    """One untimed small run of every contender and case (first-call caches, lazy imports)."""
+    cfg = model.cfg
+    sizes = Sizes(int(cfg.n_layers), int(cfg.n_heads), 4, min(args.neurons, 2), 1)
+    quiet = argparse.Namespace(**{**vars(args), "warmup": True, "repeats": 1, "tl_max_cells": 4})
+    for key in args.cases:
+        run_row(model, CASES[key], sizes, 1, quiet, 1.0)
+
+
 def run_row(
     model: Any,
     case: Case,
@@ -384,6 +422,7 @@ def run_row(
             np.random.default_rng(args.seed).choice(n_cells, args.tl_max_cells, replace=False)
         )
     whole = len(subset) == n_cells
+    restricted = case.restricted(sizes)
     with torch.inference_mode():
         _, cache = model.run_with_cache(clean)
     spec = case.spec(sizes)
@@ -400,7 +439,7 @@ def run_row(
                 out = tl.generic_activation_patch(
                     model, corrupted, cache, tl_metric, index_df=tl_df, **generic
                 )
-            elif whole:
+            elif whole and not restricted:
                 out = getattr(tl, case.tl_function)(model, corrupted, cache, tl_metric).flatten()
             else:
                 out = getattr(tl, case.tl_function)(
@@ -422,13 +461,32 @@ def run_row(
                 progress=False,
                 **generic,
             )
+        elif restricted:
+            out = getattr(compat, case.tl_function)(
+                model,
+                corrupted,
+                cache,
+                tl_metric,
+                index_axis_names=None,
+                index_df=pd.DataFrame(cells, columns=list(case.axes)),
+                progress=False,
+            )
         else:
             out = getattr(compat, case.tl_function)(
                 model, corrupted, cache, tl_metric, progress=False
             )
         return torch.as_tensor(out).float().flatten().cpu()
 
-    if args.warmup:
+    if args.warmup:  # untimed: first-call caches
+        with contextlib.redirect_stderr(io.StringIO()), torch.inference_mode():
+            tl.generic_activation_patch(
+                model,
+                corrupted,
+                cache,
+                tl_metric,
+                index_df=tl_df[:2],
+                **(generic if case.key == "neurons" else tl_setter(case)),
+            )
         run_ps()
         run_compat()
     tl_t, ps_t, c_t = Timings(), Timings(), Timings()
@@ -449,7 +507,7 @@ def run_row(
     bound = token_layers(case, cells, sizes, batch, first_difference(clean, corrupted)) * cost
     tl_s, ps_s, c_s = tl_t.median(), ps_t.median(), c_t.median()
     return {
-        "case": case.title,
+        "case": case.label(sizes),
         "key": case.key,
         "cells": n_cells,
         "tl_from": "all" if whole else f"extrapolated from {len(subset)} cells",
@@ -638,6 +696,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="neurons per layer in the neuron case (default 16)",
     )
     parser.add_argument(
+        "--pattern-heads",
+        type=int,
+        default=None,
+        help="sweep only heads < this in the pattern case (default: all heads)",
+    )
+    parser.add_argument(
         "--forward-batches",
         nargs="+",
         type=int,
@@ -664,7 +728,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--no-warmup",
         dest="warmup",
         action="store_false",
-        help="skip the untimed first call per row",
+        help="skip the untimed first call of each contender per row (one small untimed run "
+        "of every case per model is always made first)",
     )
     args = parser.parse_args(argv)
     quick = args.quick
@@ -725,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"\n## {kind}: {cfg.n_layers} layers, {cfg.n_heads} heads, d_model {cfg.d_model}, vocab {cfg.d_vocab}"
             )
+            warm_up(model, args)
             for seq in args.seqs:
                 cost, best = token_layer_cost(
                     model, seq, args.forward_batches, args.device, max_tokens
@@ -735,18 +801,20 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(header)
                 print(rule)
-                sizes = Sizes(int(cfg.n_layers), int(cfg.n_heads), seq, args.neurons)
+                sizes = Sizes(
+                    int(cfg.n_layers), int(cfg.n_heads), seq, args.neurons, args.pattern_heads
+                )
                 for batch in args.batches:
                     for key in args.cases:
                         n_cells = len(CASES[key].cells(sizes))
                         if n_cells > args.max_cells:
                             print(
-                                f"| {kind} | {seq} | {batch} | {CASES[key].title} | {n_cells} | skipped: over --max-cells {args.max_cells} |"
+                                f"| {kind} | {seq} | {batch} | {CASES[key].label(sizes)} | {n_cells} | skipped: over --max-cells {args.max_cells} |"
                             )
                             continue
                         if time.perf_counter() - started > args.budget_s:
                             print(
-                                f"| {kind} | {seq} | {batch} | {CASES[key].title} | {n_cells} | skipped: --budget-s {args.budget_s:g} spent |"
+                                f"| {kind} | {seq} | {batch} | {CASES[key].label(sizes)} | {n_cells} | skipped: --budget-s {args.budget_s:g} spent |"
                             )
                             continue
                         row = run_row(model, CASES[key], sizes, batch, args, cost)
