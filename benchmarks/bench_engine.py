@@ -88,7 +88,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 VOCAB = 2000
 ANSWER, WRONG = 5, 7
-MODELS: dict[str, dict[str, int]] = {
+MODELS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layers": 2, "n_heads": 4, "d_model": 64},
     "medium": {"n_layers": 6, "n_heads": 8, "d_model": 256},
     "gpt2-small": {"n_layers": 12, "n_heads": 12, "d_model": 768},
@@ -427,7 +427,10 @@ def run_row(
         _, cache = model.run_with_cache(clean)
     spec = case.spec(sizes)
     metric = metrics.logit_diff(ANSWER, WRONG)
-    generic = dict(patch_setter=tl.layer_pos_head_vector_patch_setter, activation_name="post")
+    generic: dict[str, Any] = {
+        "patch_setter": tl.layer_pos_head_vector_patch_setter,
+        "activation_name": "post",
+    }
     tl_df = pd.DataFrame(cells[subset], columns=list(case.axes))
 
     def run_tl() -> torch.Tensor:
@@ -585,7 +588,7 @@ def goals(rows: list[dict[str, Any]], atol: float) -> list[str]:
             (r for r in medium if (r["seq"], r["batch"], r["key"]) == (seq, batch, key)), None
         )
 
-    def verdict(checks: list[tuple[str, float | None, float, str]]) -> str:
+    def verdict(checks: Sequence[tuple[str, float | None, float, str]]) -> str:
         """``checks``: (label, value or None when not measured, threshold, ">=" or "<=")."""
         measured = [c for c in checks if c[1] is not None]
         if not measured:
