@@ -32,10 +32,13 @@ model and inputs, interleaved within each repeat (median [min-max] over ``--repe
   position for by-position cells, the destination position for pattern cells, and the first
   position where clean and corrupted tokens differ for all-position cells (a patch at ``p``
   changes no position ``< p``, in any layer). It is computed here from each case's own
-  definition, not from patchspec's engine. The per-token-layer cost is the best time of one plain
-  unpatched forward pass ``model(tokens)`` over the batch sizes ``--forward-batches`` at the
-  row's sequence length, divided by (n_layers x tokens); it includes the unembedding of every
-  position, which patchspec skips for all but the metric's, so ``eff`` can exceed 1.
+  definition, not from patchspec's engine. The per-token-layer cost (column ``us/tl``) is the
+  time of one plain unpatched forward pass ``model(tokens)`` at the best of the batch sizes
+  ``--forward-batches`` (chosen once per sequence length), divided by (n_layers x tokens); it is
+  timed again inside every repeat of the row, interleaved with the contenders, and the median is
+  used, so that a change of load on a shared machine moves the bound with the times. It includes
+  the unembedding of every position, which patchspec skips for all but the metric's, so ``eff``
+  can exceed 1.
 
 Models are GPT-2s with random, seeded weights built locally (:func:`patchspec.tiny.tiny_model`,
 vocabulary 2,000): ``medium`` (6 layers, 8 heads, d_model 256), ``gpt2-small`` (the GPT-2-small
@@ -325,12 +328,25 @@ class PeakMemory:
             self.mib = max(0, peak - self._base) / 2**20
 
 
+def plain_forward(model: Any, x: torch.Tensor, device: str, reps: int) -> float:
+    """The best of 3 mean times of ``reps`` plain forward passes over ``x``, per token-layer."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                model(x)
+            sync(device)
+            times.append((time.perf_counter() - start) / reps)
+    return min(times) / (int(model.cfg.n_layers) * x.numel())
+
+
 def token_layer_cost(
     model: Any, seq: int, batches: Sequence[int], device: str, max_tokens: int
 ) -> tuple[float, int]:
     """The best time per token and layer of a plain forward pass over ``batches``, and its batch."""
     best = (float("inf"), 0)
-    n_layers = int(model.cfg.n_layers)
     x0 = inputs(1, seq, device)[1]
     with torch.inference_mode():
         for n in batches:
@@ -344,14 +360,7 @@ def token_layer_cost(
             sync(device)
             once = time.perf_counter() - once
             reps = max(1, min(20, int(0.3 / max(once, 1e-6))))
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                for _ in range(reps):
-                    model(x)
-                sync(device)
-                times.append((time.perf_counter() - start) / reps)
-            best = min(best, (min(times) / (n_layers * n * seq), n))
+            best = min(best, (plain_forward(model, x, device, reps), n))
     return best
 
 
@@ -394,7 +403,7 @@ def warm_up(model: Any, args: argparse.Namespace) -> None:
     sizes = Sizes(int(cfg.n_layers), int(cfg.n_heads), 4, min(args.neurons, 2), 1)
     quiet = argparse.Namespace(**{**vars(args), "warmup": True, "repeats": 1, "tl_max_cells": 4})
     for key in args.cases:
-        run_row(model, CASES[key], sizes, 1, quiet, 1.0)
+        run_row(model, CASES[key], sizes, 1, quiet, 1)
 
 
 def run_row(
@@ -403,9 +412,9 @@ def run_row(
     sizes: Sizes,
     batch: int,
     args: argparse.Namespace,
-    cost: float,
+    forward_batch: int,
 ) -> dict[str, Any]:
-    """Time one (model, seq, batch, case) row."""
+    """Time one (model, seq, batch, case) row; the plain forward runs at ``forward_batch``."""
     import pandas as pd
     import transformer_lens.patching as tl
 
@@ -493,8 +502,17 @@ def run_row(
         run_ps()
         run_compat()
     tl_t, ps_t, c_t = Timings(), Timings(), Timings()
+    plain_x = inputs(1, sizes.seq, device)[1].repeat(forward_batch, 1)
+    with torch.inference_mode():
+        sync(device)
+        once = time.perf_counter()
+        model(plain_x)
+        sync(device)
+        reps = max(1, min(20, int(0.1 / max(time.perf_counter() - once, 1e-6))))
+    costs = []
     expected = got_ps = got_c = None
     for _ in range(args.repeats):  # interleaved
+        costs.append(plain_forward(model, plain_x, device, reps))
         expected = timed(run_tl, device, tl_t)
         got_ps = timed(run_ps, device, ps_t)
         got_c = timed(run_compat, device, c_t)
@@ -507,6 +525,7 @@ def run_row(
     )
     scale = n_cells / len(subset)
     tl_t.seconds = [s * scale for s in tl_t.seconds]
+    cost = statistics.median(costs)
     bound = token_layers(case, cells, sizes, batch, first_difference(clean, corrupted)) * cost
     tl_s, ps_s, c_s = tl_t.median(), ps_t.median(), c_t.median()
     return {
@@ -522,6 +541,7 @@ def run_row(
         "compat": c_t.spread(),
         "tl/ps": tl_s / ps_s,
         "c/ps": c_s / ps_s,
+        "us/tl": cost * 1e6,
         "eff": bound / ps_s,
         "tl/bnd": tl_s / bound,
         "err": err,
@@ -546,6 +566,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("compat", "s"),
     ("tl/ps", ".1f"),
     ("c/ps", ".2f"),
+    ("us/tl", ".1f"),
     ("eff", ".2f"),
     ("tl/bnd", ".1f"),
     ("err", ".1e"),
@@ -800,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"\nseq {seq}: plain forward {cost * 1e6:.3f} us per token-layer at batch {best} "
+                    "(timed again in every row: column us/tl) "
                     f"(best of batches {args.forward_batches})\n"
                 )
                 print(header)
@@ -820,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"| {kind} | {seq} | {batch} | {CASES[key].label(sizes)} | {n_cells} | skipped: --budget-s {args.budget_s:g} spent |"
                             )
                             continue
-                        row = run_row(model, CASES[key], sizes, batch, args, cost)
+                        row = run_row(model, CASES[key], sizes, batch, args, best)
                         row.update(model=kind, seq=seq, batch=batch)
                         rows.append(row)
                         print(table_row(row), flush=True)
