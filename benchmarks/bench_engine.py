@@ -821,8 +821,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"\nseq {seq}: plain forward {cost * 1e6:.3f} us per token-layer at batch {best} "
-                    "(timed again in every row: column us/tl) "
-                    f"(best of batches {args.forward_batches})\n"
+                    f"(best of batches {args.forward_batches}; timed again at that batch in every "
+                    "repeat of every row: column us/tl)\n"
                 )
                 print(header)
                 print(rule)
