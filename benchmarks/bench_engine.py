@@ -31,7 +31,8 @@ model and inputs, interleaved within each repeat (median [min-max] over ``--repe
   ``(seq - p)``, with ``L`` the cell's layer and ``p`` its first patched position: the patched
   position for by-position cells, the destination position for pattern cells, and the first
   position where clean and corrupted tokens differ for all-position cells (a patch at ``p``
-  changes no position ``< p``, in any layer). It is computed here from each case's own
+  changes no position ``< p``, in any layer); a by-position cell before that first difference
+  writes the corrupted run's own values and counts 0. It is computed here from each case's own
   definition, not from patchspec's engine. The per-token-layer cost (column ``us/tl``) is the
   time of one plain unpatched forward pass ``model(tokens)`` at the best of the batch sizes
   ``--forward-batches`` (chosen once per sequence length), divided by (n_layers x tokens); it is
@@ -235,14 +236,17 @@ def token_layers(case: Case, cells: np.ndarray, sizes: Sizes, batch: int, first_
     Example:
         >>> sizes = Sizes(n_layers=2, n_heads=1, seq=4, neurons=1)
         >>> case = CASES["resid_pre"]
-        >>> token_layers(case, case.cells(sizes), sizes, batch=1, first_diff=1)  # 2*(4+3+2+1) + 1*(4+3+2+1)
-        30
+        >>> token_layers(case, case.cells(sizes), sizes, batch=1, first_diff=1)  # 2*(3+2+1) + 1*(3+2+1)
+        18
     """
     layers = cells[:, 0]
     if case.first_pos is None:
         first = np.full(len(cells), first_diff)
     else:
         first = cells[:, case.axes.index(case.first_pos)]
+        # Clean values written before the first differing token are the corrupted run's own:
+        # such a cell is the baseline and needs no position recomputed.
+        first = np.where(first < first_diff, sizes.seq, first)
     return int(batch * ((sizes.n_layers - layers) * (sizes.seq - first)).sum())
 
 

@@ -30,9 +30,9 @@ def bench() -> ModuleType:
 def brute_force(case_key: str, sizes: Any, batch: int, first_diff: int) -> int:
     """Count (prompt, layer, position) triples a causal-suffix replay recomputes, cell by cell.
 
-    A patch of layer ``L`` at positions ``P`` (all positions for all-position cells, of which
-    only those from the first differing token on can differ) changes exactly the (layer,
-    position) pairs with layer >= L and position >= min(P).
+    A patch of layer ``L`` at positions ``P`` changes exactly the (layer, position) pairs with
+    layer >= L and position >= min(P), where only positions from the first differing token on
+    count (before it the clean values written are the corrupted run's own).
     """
     n_layers, n_heads, seq, neurons = sizes.n_layers, sizes.n_heads, sizes.seq, sizes.neurons
     shapes = {
@@ -52,6 +52,9 @@ def brute_force(case_key: str, sizes: Any, batch: int, first_diff: int) -> int:
             "pattern": lambda i: {i[2]},  # the destination row of the pattern
             "neurons": lambda i: {i[1]},
         }[case_key](index)
+        patched = {p for p in patched if p >= first_diff}  # before it, clean values are corrupted's
+        if not patched:
+            continue
         start = min(patched)
         for _prompt, lay, pos in itertools.product(range(batch), range(n_layers), range(seq)):
             total += lay >= layer and pos >= start
