@@ -147,23 +147,27 @@ def _changed_axes(activation: str) -> tuple[int, ...]:
     return tuple(i for i, d in enumerate(layout(activation).dims) if d in _CHANGED_DIMS)
 
 
-def first_changed(task: Task, source: Source, hook_name: str, axis: int) -> int:
-    """The first position where what ``source`` writes at ``hook_name`` differs from the
-    receiving run's own activation (``seq`` when nowhere), computed once per task.
+def changed_positions(task: Task, source: Source, hook_name: str, axis: int) -> torch.Tensor:
+    """``[seq]``: where what ``source`` writes at ``hook_name`` differs from the receiving
+    run's own activation, computed once per task (on the model's device).
 
-    Before it, the written values are the receiving run's own (e.g. clean and corrupted
-    prompts that share their first tokens), so writing them changes nothing. ``0`` whenever
-    that cannot be shown (a combine that mixes positions, an activation not cached).
+    Elsewhere the written values are the receiving run's own (clean and corrupted prompts that
+    share their first tokens; at layer 0 every position whose token is the same), so writing
+    them changes nothing. All True whenever that cannot be shown (a combine that mixes
+    positions, an activation not cached).
     """
+    seq = task.grid.sizes.seq
+    device = task.adapter.device
 
-    def compute() -> int:
+    def compute() -> torch.Tensor:
+        everywhere = torch.ones(seq, dtype=torch.bool, device=device)
         combine = source_combine(task, source, hook_name)
         if combine is not None and not source.positionwise:
-            return 0
+            return everywhere
         try:
             receiving = task.session.activation(task.grid.receiver, hook_name)
         except PatchSpecError:
-            return 0
+            return everywhere
         values = source_values(task, source, hook_name)
         with torch.inference_mode():
             try:
@@ -172,18 +176,19 @@ def first_changed(task: Task, source: Source, hook_name: str, axis: int) -> int:
                     written = combine(receiving.unsqueeze(0), written)[0]
                 written = torch.broadcast_to(written, receiving.shape)
             except (RuntimeError, ValueError, TypeError):
-                return 0
-            changed = (written != receiving).movedim(axis, 0).reshape(receiving.shape[axis], -1).any(1)
-            where = changed.nonzero()
-            return int(where[0, 0]) if where.numel() else int(receiving.shape[axis])
+                return everywhere
+            if receiving.shape[axis] != seq:
+                return everywhere
+            return (written != receiving).movedim(axis, 0).reshape(seq, -1).any(1).to(device)
 
-    first: int = _per_task(task, f"first-changed-{axis}", source, hook_name, compute)
-    return first
+    changed: torch.Tensor = _per_task(task, f"changed-{axis}", source, hook_name, compute)
+    return changed
 
 
 def first_positions(task: Task, writes: Sequence[Write]) -> torch.Tensor:
-    """``[cells]``: the first position each of ``task.cells`` can change (``seq``: none that
-    the metric reads), from the cells' masks (``writes`` of all of them at once)."""
+    """``[cells]``: the first position each of ``task.cells`` changes (``seq``: none that the
+    metric reads), from the cells' masks (``writes`` of all of them at once): the first
+    position a cell writes where the written value is not the receiving run's own."""
     seq = task.grid.sizes.seq
     device = task.adapter.device
     out = torch.full((len(task.cells),), seq, dtype=torch.long, device=device)
@@ -194,17 +199,11 @@ def first_positions(task: Task, writes: Sequence[Write]) -> torch.Tensor:
             first = torch.zeros_like(out)
         else:
             axis = axes[0]
-            d = first_changed(task, source, task.adapter.hook_name(activation, layer), axis)
+            changed = changed_positions(task, source, task.adapter.hook_name(activation, layer), axis)
             keep = next((k for a, k in mask.keeps() if a == axis), None)
-            if keep is None:
-                first = torch.full_like(out, d)
-            else:
-                rows = keep.to(device).any(1)  # [K | 1, size]
-                if d > 0:
-                    rows = rows.clone()
-                    rows[:, :d] = False
-                has = rows.any(1)
-                first = torch.where(has, rows.to(torch.int8).argmax(1), seq).expand(len(out))
+            rows = changed[None] if keep is None else keep.to(device).any(1) & changed  # [K | 1, seq]
+            has = rows.any(1)
+            first = torch.where(has, rows.to(torch.int8).argmax(1), seq).expand(len(out))
         out = torch.minimum(out, torch.where(active, first, seq))
     positions = task.evaluate.logit_positions(seq)
     last = seq - 1 if positions is None else max(int(t) for t in positions)

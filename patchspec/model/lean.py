@@ -73,10 +73,11 @@ def _original(module: Any) -> Any:
 
 
 #: Matrix products run on at least this many rows. BLAS libraries pick another kernel for a
-#: few rows (measured with MKL on this project's CPUs: results of a row change in the last bit
-#: below 12 rows), which would make a cell's value depend on how many cells share its pass;
-#: padding keeps a verified subset bit-identical to the same cells of a full sweep.
-MIN_ROWS = 32
+#: few rows (measured with MKL on this project's CPUs: a row's result changes in the last bit
+#: for 1-3, 5-7 and 9-11 rows, never from 12 on), which would make a cell's value depend on how
+#: many cells share its pass; padding keeps a verified subset bit-identical to the same cells of
+#: a full sweep.
+MIN_ROWS = 16
 
 
 def _padded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +254,17 @@ class LeanReplay:
                 raise Unsupported("a rotary block received no position embeddings")
             self.rotary.append(rot)
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self.hook_dict = model.hook_dict  # the bridge rebuilds its alias table on every read
+        ln_final = _original(model.ln_final)
+        unembed = _Linear.of(_original(model.unembed))
+        if ln_final is not None and unembed is not None:
+            # HF's own final norm and unembedding: the bridge's wrap them in Python hook points.
+            def head(x: torch.Tensor) -> torch.Tensor:
+                return unembed(ln_final(x))  # type: ignore[misc]
+        else:
+            def head(x: torch.Tensor) -> torch.Tensor:
+                return model.unembed(model.ln_final(x))  # type: ignore[no-any-return]
+        self._head = head
         self.supported: frozenset[str] = frozenset(
             f"blocks.{i}.{leaf}" for i in range(len(self.blocks)) for leaf in LOCATIONS
         )
@@ -267,7 +279,7 @@ class LeanReplay:
                 x = self._block(index, x, 0, {}, None, record=True)
             self.final = x
             #: The recorded pass's logits (the model's own when given), at every position.
-            self.logits = logits if logits is not None else self.model.unembed(self.model.ln_final(x))
+            self.logits = logits if logits is not None else self._head(x)
 
     # --- what it can run --------------------------------------------------------------------
     def supports(self, names: Iterable[str]) -> bool:
@@ -329,7 +341,7 @@ class LeanReplay:
         if unchanged:
             parts.append(self._expand(self.logits[:, self._index(unchanged)], copies))
         if final_rows is not None:
-            parts.append(_padded(lambda rows: self.model.unembed(self.model.ln_final(rows)), final_rows))
+            parts.append(_padded(self._head, final_rows))
         logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if final_rows is not None and unchanged:
             order = sorted(range(len(wanted)), key=lambda i: (wanted[i] >= first, i))
@@ -375,7 +387,7 @@ class LeanReplay:
         recomputed positions ``rows`` (indices into ``S``) past the keys and values."""
         w = self.blocks[index]
         prefix = f"blocks.{index}."
-        hook_dict = self.model.hook_dict
+        hook_dict = self.hook_dict
 
         def at(leaf: str, act: torch.Tensor) -> torch.Tensor:
             fns = table.get(prefix + leaf)
@@ -479,7 +491,8 @@ def build(model: Any, replay: Replay, logits: torch.Tensor, cache: dict[str, tor
         replay: The recorded pass (block inputs).
         logits: The model's own logits of that pass.
         cache: The model's activations of that pass at every hook point in
-            :data:`LOCATIONS` (checked one by one), or ``None`` to check the logits only.
+            :data:`LOCATIONS` (checked one by one, with a suffix replay's logits: once per
+            input shape), or ``None`` to check the whole pass's logits only.
     """
     try:
         lean = LeanReplay(model, replay, logits)
@@ -493,7 +506,7 @@ def build(model: Any, replay: Replay, logits: torch.Tensor, cache: dict[str, tor
     try:
         with torch.inference_mode():
             checks = [("the whole pass", lean.run(0, 1), logits)]
-            if seq > 1:
+            if seq > 1 and cache is not None:
                 mid, at = n // 2, seq // 2
                 checks.append((f"a suffix replay from block {mid}, position {at}",
                                lean.run(mid, 2, None, (), at), logits.repeat(2, 1, 1)))
