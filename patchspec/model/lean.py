@@ -61,13 +61,6 @@ LOCATIONS: tuple[str, ...] = (
 _ALL_ROWS = ("hook_resid_pre", "attn.hook_k", "attn.hook_v")
 
 
-def _leaf(name: str) -> tuple[int, str] | None:
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
-        return int(parts[1]), parts[2]
-    return None
-
-
 def _original(module: Any) -> Any:
     return getattr(module, "original_component", None)
 
@@ -325,14 +318,16 @@ class LeanReplay:
         final_rows: torch.Tensor | None = None
         if layer < n and suffix:
             x = self._expand(self.hidden[layer][:, first:], copies)
+            last = n - 1
+            # Liveness: the last block's rows past its keys/values, only where the metric reads,
+            # unless a hook there reads them.
+            narrow = positions is not None and not any(
+                name.startswith(f"blocks.{last}.") and name.split(".", 2)[2] not in _ALL_ROWS
+                for name in table
+            )
+            rows: list[int] | None = None
             for index in range(layer, n):
-                rows = None
-                if index == n - 1 and positions is not None:
-                    live = [k for k in table if (k.startswith(f"blocks.{index}.")
-                                                 and _leaf(k) is not None
-                                                 and _leaf(k)[1] not in _ALL_ROWS)]  # type: ignore[index]
-                    if not live:
-                        rows = suffix
+                rows = suffix if index == last and narrow else None
                 x = self._block(index, x, first, table, rows)
             final_rows = x if rows is not None else x[:, self._index(suffix)]
         # Positions before ``first`` are unchanged: their logits are the recorded pass's own.
