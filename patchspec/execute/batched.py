@@ -358,33 +358,32 @@ class BatchedEstimator:
         with torch.inference_mode():
             counter = FireCounter()
             lean = self.lean_replay(task) if chunk.start is not None else None
+            ran = True
             if lean is not None and chunk.start is not None:
                 first = min(chunk.first, seq)
                 # A chunk from the sequence's end changes nothing the metric reads: no hooks.
-                hooks = counter.counted(self.hooks(task, chunk, first)) if first < seq else []
+                ran = first < seq
+                hooks = counter.counted(self.hooks(task, chunk, first)) if ran else []
                 logits = lean.run(chunk.start, copies, positions, hooks, first)
-                stats.lean += int(first < seq)
-                stats.replayed += int(first < seq)
+                stats.lean += int(ran)
+                stats.replayed += int(ran)
                 stats.positions += copies * task.grid.sizes.batch * (seq - first) * (
                     task.grid.sizes.n_layers - chunk.start
                 )
-                counter.check()
-                stats.forwards += int(first < seq)
-                stats.largest = max(stats.largest, copies)
-                return task.evaluate.many(logits, [int(i) for i in chunk.cells], positions)
-            hooks = counter.counted(self.hooks(task, chunk))
-            replay = session.replay(task.grid.receiver) if chunk.start is not None else None
-            if replay is not None and chunk.start is not None:
-                with adapter.hooks(hooks):
-                    logits = replay.run(chunk.start, copies, positions)
-                stats.replayed += 1
             else:
-                tokens = session.tokens(task.grid.receiver).repeat(copies, 1)
-                logits = adapter.run_with_hooks(tokens, hooks)
-                if positions is not None:
-                    logits = logits[:, list(positions)]
-                stats.full += 1
+                hooks = counter.counted(self.hooks(task, chunk))
+                replay = session.replay(task.grid.receiver) if chunk.start is not None else None
+                if replay is not None and chunk.start is not None:
+                    with adapter.hooks(hooks):
+                        logits = replay.run(chunk.start, copies, positions)
+                    stats.replayed += 1
+                else:
+                    tokens = session.tokens(task.grid.receiver).repeat(copies, 1)
+                    logits = adapter.run_with_hooks(tokens, hooks)
+                    if positions is not None:
+                        logits = logits[:, list(positions)]
+                    stats.full += 1
             counter.check()
-            stats.forwards += 1
+            stats.forwards += int(ran)
             stats.largest = max(stats.largest, copies)
             return task.evaluate.many(logits, [int(i) for i in chunk.cells], positions)

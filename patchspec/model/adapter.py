@@ -325,19 +325,16 @@ class ModelAdapter:
         key = (replay.batch, *tuple(logits.shape[1:2]), logits.dtype, logits.device)
         if key in self._lean and self._lean[key] is None:
             return None
+        every = lean_module.hook_points(len(self.model.blocks))
         cache = None
         if key not in self._lean:
-            names = [f"blocks.{i}.{leaf}" for i in range(len(self.model.blocks))
-                     for leaf in lean_module.LOCATIONS]
-            known = [n for n in names if n in getattr(self.model, "hook_dict", {})]
-            _, cache = self.run_with_cache(tokens, known)
+            hook_dict = getattr(self.model, "hook_dict", {})  # rebuilt by the bridge on each read
+            _, cache = self.run_with_cache(tokens, [n for n in every if n in hook_dict])
         built = lean_module.build(self.model, replay, logits, cache)
         if built is None:
             self._lean[key] = None
             return None
         if key not in self._lean:
-            every = frozenset(f"blocks.{i}.{leaf}" for i in range(len(built.blocks))
-                              for leaf in lean_module.LOCATIONS)
             self._lean[key] = every - built.supported
         built.drop(self._lean[key] or ())
         return built

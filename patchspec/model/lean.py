@@ -56,6 +56,16 @@ LOCATIONS: tuple[str, ...] = (
     "hook_mlp_out",
     "hook_resid_post",
 )
+def hook_points(n_layers: int) -> frozenset[str]:
+    """Every hook point the lean replay models in a model of ``n_layers`` blocks.
+
+    Example:
+        >>> sorted(hook_points(1))[:2]
+        ['blocks.0.attn.hook_attn_scores', 'blocks.0.attn.hook_k']
+    """
+    return frozenset(f"blocks.{i}.{leaf}" for i in range(n_layers) for leaf in LOCATIONS)
+
+
 #: Hook points of a block that are computed at every recomputed position even in the last
 #: block (the keys and values feed every later query; the input is what the block receives).
 _ALL_ROWS = ("hook_resid_pre", "attn.hook_k", "attn.hook_v")
@@ -258,9 +268,7 @@ class LeanReplay:
             def head(x: torch.Tensor) -> torch.Tensor:
                 return model.unembed(model.ln_final(x))  # type: ignore[no-any-return]
         self._head = head
-        self.supported: frozenset[str] = frozenset(
-            f"blocks.{i}.{leaf}" for i in range(len(self.blocks)) for leaf in LOCATIONS
-        )
+        self.supported: frozenset[str] = hook_points(len(self.blocks))
         # The unpatched pass: each block's input, keys and values (rotated), and the last output.
         self.hidden: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []

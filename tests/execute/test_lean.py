@@ -49,7 +49,7 @@ def test_lean_models_every_hook_point(model):
     lean = adapter.lean(replay, clean, logits)
     assert lean is not None
     every = {f"blocks.{i}.{leaf}" for i in range(model.cfg.n_layers) for leaf in lean_module.LOCATIONS}
-    assert lean.supported == every
+    assert lean.supported == every == lean_module.hook_points(model.cfg.n_layers)
     for layer in range(model.cfg.n_layers):
         for first in range(SEQ + 1):
             got = lean.run(layer, 3, [SEQ - 1, 1], (), first)
